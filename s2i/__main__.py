@@ -1,0 +1,5 @@
+import sys
+
+from s2i.cli import main
+
+sys.exit(main())
