@@ -50,6 +50,7 @@ class SpeechConfig:
     kernel_size: int = 9
     shortcut: str = "conv"  # "conv" (Harwath: strided 1x1 conv + BN) | "maxpool" (the seed)
     frontend: str = "conv"  # resdavenet front end: "conv" (Harwath: 40x1 collapsing frequency) | "pointwise" (the seed: Conv1d k=1)
+    conv_bias: bool = True  # biases on the convolutions (the seed: on; Harwath: off, as BatchNorm follows them)
     # VQ
     vq_positions: str = ""  # e.g. "01100"; empty = no VQ
     vq_sizes: tuple[int, ...] = ()  # codebook size per position (same length as vq_positions)
@@ -130,6 +131,9 @@ class TrainConfig:
     init_from: str = ""  # warm start: load matching weights from this checkpoint (e.g. VQ {} -> {3})
     max_frames: int = 2048  # longer utterances are cropped (with a warning at prepare time)
     log_every: int = 50  # steps between metric lines
+    max_steps: int = 0  # stop (with a checkpoint, resumable) after this many steps in all; 0 = run every epoch
+    eval_batch_size: int = 100  # utterances per batch when embedding the validation split (the seed: 100)
+    tensorboard: bool = True  # also write TensorBoard logs to out_dir/tb
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +148,7 @@ def _rnn(hidden: int, layers: int, rnn_type: str = "lstm", vq_positions: str = "
 def _conv(widths, vq_positions: str = "", vq_sizes=(), seed_style: bool = True) -> SpeechConfig:
     return SpeechConfig(arch="resdavenet", features="mfcc" if seed_style else "fbank", widths=tuple(widths),
                         shortcut="maxpool" if seed_style else "conv", frontend="pointwise" if seed_style else "conv",
+                        conv_bias=seed_style,
                         vq_positions=vq_positions, vq_sizes=tuple(vq_sizes),
                         pooling="attention" if seed_style else "mean")
 

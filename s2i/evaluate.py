@@ -1,0 +1,258 @@
+"""Evaluate retrieval on a split: embed every caption and image, then R@1/5/10, median and mean rank
+in both directions (:func:`s2i.metrics.retrieval_metrics`), for speech and, where the model has a text
+encoder, for typed text.
+
+    python -m s2i evaluate runs/rnn_small/best --split test
+    python -m s2i evaluate runs/rnn_small --split test --json              # a run folder: its best/ model
+    python -m s2i evaluate ckpt_a --ensemble ckpt_b ckpt_c --split test    # snapshot ensemble
+    python -m s2i evaluate ckpt --augment noise:10                         # robustness: noisy queries
+
+The default corpus is the one the checkpoint was trained on (stored in its ``config.json``), else
+``data/synthetic-default``. A snapshot ensemble (the seed's ``ensemble.py``) sums the L2-normalised
+embeddings of several models (cyclic-LR snapshots land in different minima whose errors differ).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from s2i.datasets.corpus import PairedDataset, collate
+from s2i.metrics import retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA = "data/synthetic-default"
+DIRECTIONS = ("speech_to_image", "image_to_speech", "text_to_image", "image_to_text")
+
+
+class _Speech(Dataset):
+    """The utterances of a split without their images (evaluation embeds each image once)."""
+
+    def __init__(self, paired: PairedDataset):
+        self.paired = paired
+
+    def __len__(self) -> int:
+        return len(self.paired)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.paired.utterances[i]
+        return {"audio": self.paired.audio(i), "image": torch.zeros(0), "image_index": int(self.paired.caption_image[i]),
+                "utt_id": rec["utt_id"], "text": rec["text"], "index": i}
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def has_text(model: torch.nn.Module) -> bool:
+    return getattr(model, "text", None) is not None
+
+
+@torch.no_grad()
+def embed_split(model: torch.nn.Module, dataset: PairedDataset, batch_size: int = 100, max_images: int = 0,
+                workers: int = 0, amp: bool = False, progress: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Embed a split: ``(speech (N, D), images (M, D), caption_image (N,), text (N, D) or None)``.
+
+    Rows follow the dataset's order (captions) and ``image_ids`` order (images); ``caption_image[c]``
+    is caption ``c``'s image. ``max_images > 0`` keeps the first images and their captions only.
+    Speech is embedded in length-sorted batches (little padding; padding never changes a result).
+    """
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    caption_image = dataset.caption_image
+    keep = torch.arange(len(dataset))
+    n_images = dataset.num_images
+    if 0 < max_images < n_images:
+        keep = keep[caption_image < max_images]
+        n_images = max_images
+    order = keep[torch.argsort(dataset.lengths[keep], stable=True)].tolist()
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+    speech = torch.zeros(len(dataset), 0)
+    texts: list[str] = [dataset.utterances[i]["text"] for i in range(len(dataset))]
+    loader = DataLoader(_Speech(dataset), batch_sampler=batches, collate_fn=collate, num_workers=workers)
+    for batch in tqdm(loader, desc="speech", disable=not progress, leave=False):
+        with autocast:
+            out = model.encode_speech_features(batch["audio"].to(device), batch["audio_lengths"].to(device))
+        emb = out.embedding.float().cpu()
+        if speech.shape[1] == 0:
+            speech = torch.zeros(len(dataset), emb.shape[1])
+        speech[batch["index"]] = emb
+    speech = speech[keep]
+
+    images = []
+    image_loader = DataLoader(torch.utils.data.Subset(dataset.image_dataset(), range(n_images)),
+                              batch_size=batch_size, num_workers=workers)
+    for pixels in tqdm(image_loader, desc="images", disable=not progress, leave=False):
+        with autocast:
+            images.append(model.encode_image(pixels.to(device)).float().cpu())
+    image_emb = torch.cat(images)
+
+    text_emb = None
+    if has_text(model):
+        kept = [texts[i] for i in keep.tolist()]
+        chunks = []
+        for i in range(0, len(kept), batch_size):
+            with autocast:
+                chunks.append(model.encode_text(kept[i:i + batch_size]).float().cpu())
+        text_emb = torch.cat(chunks)
+    model.train(was_training)
+    return speech, image_emb, caption_image[keep], text_emb
+
+
+def scores(speech: Tensor, images: Tensor, caption_image: Tensor, text: Tensor | None = None) -> dict[str, dict[str, float]]:
+    """Retrieval metrics in both directions for speech (and text, when given) against images."""
+    out = retrieval_metrics(speech @ images.T, caption_image, names=("speech", "image"))
+    if text is not None:
+        out.update(retrieval_metrics(text @ images.T, caption_image, names=("text", "image")))
+    return out
+
+
+def mean_r10(result: dict[str, dict[str, float]]) -> float:
+    """The model-selection metric: mean of speech -> image and image -> speech R@10."""
+    return (result["speech_to_image"]["R@10"] + result["image_to_speech"]["R@10"]) / 2
+
+
+def retrieval_scores(model: torch.nn.Module, dataset: PairedDataset, batch_size: int = 100, max_images: int = 0,
+                     amp: bool = False, workers: int = 0) -> dict[str, Any]:
+    """Embed ``dataset`` with ``model`` and score it: the validation step of training."""
+    return scores(*embed_split(model, dataset, batch_size, max_images=max_images, amp=amp, workers=workers))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints on disk
+# ---------------------------------------------------------------------------------------------
+def model_folder(path: str | Path) -> Path:
+    """A model folder for ``path``: itself, or a run folder's ``best/`` (else ``last/``)."""
+    path = Path(path)
+    if (path / "config.json").is_file() or not path.is_dir():
+        return path
+    for name in ("best", "last"):
+        if (path / name / "config.json").is_file():
+            return path / name
+    return path
+
+
+def checkpoint_extra(path: str | Path) -> dict[str, Any]:
+    """The ``extra`` section of a model folder's ``config.json`` ({} if none)."""
+    config = Path(path) / "config.json"
+    try:
+        return dict(json.loads(config.read_text()).get("extra") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def default_data(path: str | Path) -> str:
+    """The corpus a checkpoint was trained on if it still exists, else the built-in corpus."""
+    data = checkpoint_extra(path).get("data")
+    if data and Path(data).is_dir():
+        return str(data)
+    return DEFAULT_DATA
+
+
+def evaluate(checkpoint_or_model: str | Path | torch.nn.Module, corpus: str | Path | None = None,
+             split: str = "test", batch_size: int = 100, augment: str | None = None,
+             ensemble: Sequence[str | Path | torch.nn.Module] = (), device: str = "cpu", max_images: int = 0,
+             image_input: str | None = None, workers: int = 0, progress: bool = False) -> dict[str, dict[str, float]]:
+    """R@1/5/10, median and mean rank of a model (or a snapshot ensemble) on a split.
+
+    Returns ``{"speech_to_image": {...}, "image_to_speech": {...}}`` plus ``text_to_image`` /
+    ``image_to_text`` when every model has a text encoder. ``augment`` (e.g. ``"noise:10"``,
+    ``"telephone"``) degrades the spoken captions before they are embedded.
+    """
+    from s2i.model import load
+
+    sources = [checkpoint_or_model, *ensemble]
+    first = sources[0]
+    folder = None if isinstance(first, torch.nn.Module) else model_folder(first)
+    if corpus is None:
+        corpus = default_data(folder) if folder is not None else DEFAULT_DATA
+    if image_input is None:
+        image_input = (checkpoint_extra(folder).get("train_config") or {}).get("image_input", "pixels") if folder else "pixels"
+    augment_fn = _augmentation(augment) if augment else None
+
+    datasets: dict[str, PairedDataset] = {}
+    total: list[Tensor | None] | None = None
+    caption_image = None
+    for source in sources:
+        model = source if isinstance(source, torch.nn.Module) else load(model_folder(source), device=device)
+        features = model.config.speech.features
+        if features not in datasets:
+            datasets[features] = PairedDataset(corpus, split, features=features, image_input=image_input,
+                                               augment=augment_fn)
+        speech, images, caption_image, text = embed_split(model, datasets[features], batch_size, max_images=max_images,
+                                                          workers=workers, amp=device.startswith("cuda"),
+                                                          progress=progress)
+        parts = [speech, images, text]
+        # the seed's ensemble: a sum of normalised embeddings, not re-normalised
+        total = parts if total is None else [None if a is None or b is None else a + b for a, b in zip(total, parts)]
+    assert total is not None and caption_image is not None
+    return scores(total[0], total[1], caption_image, total[2])
+
+
+def _augmentation(spec: str):
+    """A waveform augmentation from ``noise:10`` (white noise at 10 dB SNR), ``telephone``, ..."""
+    from s2i.datasets import augment
+
+    return augment.from_spec(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def format_table(result: dict[str, dict[str, float]]) -> str:
+    """A readable table: one row per direction, recalls in percent."""
+    names = {"speech_to_image": "speech -> image", "image_to_speech": "image -> speech",
+             "text_to_image": "text -> image", "image_to_text": "image -> text"}
+    lines = [f"{'direction':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median':>8}{'mean':>8}"]
+    for key in DIRECTIONS:
+        if key in result:
+            r = result[key]
+            lines.append(f"{names[key]:<16}{100 * r['R@1']:>8.1f}{100 * r['R@5']:>8.1f}{100 * r['R@10']:>8.1f}"
+                         f"{r['median_rank']:>8.0f}{r['mean_rank']:>8.1f}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a model folder (model.safetensors + config.json) or a run folder")
+    parser.add_argument("--data", default=None, help="prepared corpus (default: the one the checkpoint was trained on, "
+                                                     f"else {DEFAULT_DATA})")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--augment", default=None, help="degrade the speech first, e.g. noise:10 or telephone")
+    parser.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT",
+                        help="more checkpoints whose embeddings are summed with the first one's")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--max-images", type=int, default=0, help="evaluate on the first N images only (0 = all)")
+    parser.add_argument("--image-input", default=None, help="pixels or a cached image-feature name "
+                                                            "(default: what the checkpoint was trained with)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    result = evaluate(args.checkpoint, args.data, args.split, args.batch_size, args.augment, args.ensemble,
+                      device=args.device, max_images=args.max_images, image_input=args.image_input,
+                      workers=args.workers, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        data = args.data or default_data(model_folder(args.checkpoint))
+        print(f"{model_folder(args.checkpoint)}{' + ensemble of ' + str(len(args.ensemble)) if args.ensemble else ''}"
+              f" on {data} [{args.split}]{' augment ' + args.augment if args.augment else ''}")
+        print(format_table(result))
+    return 0

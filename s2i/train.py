@@ -1,0 +1,566 @@
+"""Train a speech <-> image model.
+
+    python -m s2i train rnn_small                                  # a preset (see s2i/config.py)
+    python -m s2i train rnn_small lr=5e-4 epochs=8 data=data/my-corpus
+    python -m s2i train rnn_small model.speech.vq_positions=0110 model.speech.vq_sizes=[0,64,256,0]
+    python -m s2i train my_run.yaml                                 # YAML: {preset: ..., model: {...}, <train keys>}
+    python -m s2i train rnn_small out_dir=runs/x --resume           # continue runs/x exactly where it stopped
+
+Plain ``key=value`` overrides set :class:`s2i.config.TrainConfig` fields; ``model.<key>=value`` set
+:class:`s2i.config.ModelConfig` fields. A run folder ``out_dir`` receives ``last/`` (a checkpoint
+written every epoch, and on SIGTERM / Ctrl-C after finishing the current step), ``best/`` (the model
+with the best validation mean R@10 of both directions, loadable with ``s2i.load``), ``metrics.jsonl``
+(one JSON object per line: training lines ``{"step", "epoch", "loss", "lr", "vq/<layer>/perplexity",
+...}`` and validation lines ``{"epoch", "step", "val": {...}}``) and TensorBoard logs in ``tb/``.
+``--resume`` continues from ``last/`` and ends with the same weights as an uninterrupted run.
+
+Distributed data parallel (DDP): launch one process per GPU with torchrun; nothing else changes::
+
+    torchrun --nproc_per_node=8 -m s2i train rnn_small batch_size=512
+    # two machines with 8 GPUs each: run on each, with --node_rank 0 and 1
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
+        -m s2i train rnn_small batch_size=1024
+
+``batch_size`` is the *global* batch. Every process builds the same global batches and embeds its
+own slice; embeddings are gathered so that the in-batch loss sees the whole global batch (contrastive
+losses depend on the negatives in the batch), and each process back-propagates only through its own
+rows. The gradients are then summed across processes, so a DDP run takes the same steps as one process
+with the same batch size (up to float rounding). VQ layers all-reduce their codebook statistics
+themselves; BatchNorm statistics stay per process (averaged before validation and checkpoints).
+CPU processes use the gloo backend, GPUs NCCL.
+
+Read top to bottom: helpers (schedules, batches, distributed plumbing), then :func:`train`, then the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from s2i import checkpoint
+from s2i.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, from_dict, preset, to_dict
+from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSampler, collate
+from s2i.evaluate import mean_r10, retrieval_scores
+from s2i.losses import build_loss
+from s2i.model import build_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "rnn_small"
+SCHEDULES = ("cyclic", "cosine", "constant")
+
+
+# ---------------------------------------------------------------------------------------------
+# learning-rate schedules (pure functions of the step; the "scheduler state" is the step itself)
+# ---------------------------------------------------------------------------------------------
+def cyclic_cosine(step: int, min_lr: float, max_lr: float, cycle_steps: int) -> float:
+    """The seed's cyclic cosine: starts at ``min_lr``, peaks at mid-cycle, back to ``min_lr`` after
+    ``cycle_steps``; repeats. ``(max-min) * (cos(pi * (1 + 2 t / cycle)) + 1) / 2 + min``."""
+    t = step % cycle_steps
+    return (max_lr - min_lr) * 0.5 * (math.cos(math.pi * (1 + 2 * t / cycle_steps)) + 1) + min_lr
+
+
+def warmup_cosine(step: int, min_lr: float, max_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from 0 to ``max_lr`` over ``warmup_steps``, then a cosine decay to ``min_lr``."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) for ``cfg.schedule``.
+
+    The cyclic cycle length is ``cycle_epochs`` x the real number of batches per epoch (the seed
+    computed it from ``int(n / batch)``, so its cycles drifted against the epochs).
+    """
+    if cfg.schedule == "cyclic":
+        return cyclic_cosine(step, cfg.min_lr, cfg.lr, max(1, round(cfg.cycle_epochs * steps_per_epoch)))
+    if cfg.schedule == "cosine":
+        return warmup_cosine(step, cfg.min_lr, cfg.lr, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "constant":
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose from {list(SCHEDULES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+# ---------------------------------------------------------------------------------------------
+def global_batches(dataset: PairedDataset, cfg: TrainConfig, epoch: int, world: int = 1) -> list[list[int]]:
+    """This epoch's global batches (lists of utterance indices), identical in every process.
+
+    ``bucket=True``: length-bucketed batches (little padding); otherwise the seed's batching:
+    a random permutation cut into consecutive batches (lengths mixed, padded to the longest).
+    Under DDP, batches smaller than the number of processes are dropped (a process cannot embed
+    an empty slice).
+    """
+    kind = BucketBatchSampler if cfg.bucket else RandomBatchSampler
+    sampler = kind(dataset.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                   caption_image=dataset.caption_image if cfg.one_caption_per_image else None)
+    sampler.set_epoch(epoch)
+    return [b for b in sampler.global_batches() if len(b) >= world]
+
+
+def split_batch(batch: list[int], world: int) -> list[list[int]]:
+    """Cut a global batch into ``world`` contiguous slices whose sizes differ by at most one."""
+    return [part.tolist() for part in np.array_split(np.asarray(batch, dtype=np.int64), world)]
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed plumbing (all no-ops in a single process)
+# ---------------------------------------------------------------------------------------------
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if there is one; return (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and world > 1:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def gather_rows(x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    """Concatenate every process's rows of ``x`` in rank order; only this process's rows keep their
+    gradient (the others' gradients are computed by their own processes)."""
+    if len(sizes) == 1:
+        return x
+    buf = x.new_zeros((max(sizes), *x.shape[1:]))
+    buf[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(buf) for _ in sizes]
+    dist.all_gather(parts, buf)
+    parts = [p[:n] for p, n in zip(parts, sizes)]
+    parts[rank] = x
+    return torch.cat(parts)
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients across processes with one flat all-reduce (parameters without a gradient in
+    this step have none in any process and stay untouched, as in a single process)."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in with_grad:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def average_buffers(model: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) across processes."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= dist.get_world_size()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true in any process (so every process stops at the same step)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping gracefully
+# ---------------------------------------------------------------------------------------------
+class StopRequest:
+    """Turns SIGTERM and the first Ctrl-C into a request to stop after the current step (with a
+    checkpoint); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: stopping after this step and writing a checkpoint",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# model set-up
+# ---------------------------------------------------------------------------------------------
+def with_text_vocab(model_cfg: ModelConfig, dataset: PairedDataset) -> ModelConfig:
+    """Fill an empty text vocabulary from the training captions (stored in the model config)."""
+    if model_cfg.text is None or model_cfg.text.vocab:
+        return model_cfg
+    from s2i.encoders.text import Tokenizer
+
+    vocab = Tokenizer.build_vocab([u["text"] for u in dataset.utterances], arch=model_cfg.text.arch)
+    return dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, vocab=list(vocab)))
+
+
+def warm_start(model: torch.nn.Module, path: str) -> None:
+    """Copy every weight whose name and shape match from a model folder (e.g. a model without VQ into
+    one with VQ layers: the VQ codebooks keep their fresh initialisation)."""
+    folder = checkpoint.resolve(path)
+    weights = load_file(str(folder / "model.safetensors"))
+    own = model.state_dict()
+    matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matching, strict=False)
+    skipped = sorted(set(weights) - set(matching))
+    fresh = sorted(set(own) - set(matching))
+    log.info("init_from %s: %d tensors loaded, %d skipped (shape/name mismatch), %d left as initialised%s",
+             folder, len(matching), len(skipped), len(fresh), f" (e.g. {fresh[:3]})" if fresh else "")
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# the training run
+# ---------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Path:
+    """Train ``model_cfg`` with ``cfg``; return the folder of the best model (``s2i.load``-able).
+
+    ``resume=True`` continues from ``cfg.out_dir/last`` if it exists (its stored model config wins).
+    Stops early, with a checkpoint, on SIGTERM / Ctrl-C or after ``cfg.max_steps`` steps.
+    """
+
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose from {list(SCHEDULES)}")
+    rank, world, device = setup_distributed(cfg)
+    main = rank == 0
+    out = Path(cfg.out_dir)
+    last_dir, best_dir, metrics_path = out / "last", out / "best", out / "metrics.jsonl"
+
+    # -- resume: the stored state decides the model and where to continue -----------------------
+    state: dict[str, Any] | None = None
+    if resume and ((out / "last").exists() or (out / "last.old").exists()):
+        state = checkpoint.load(last_dir)
+        model_cfg = from_dict(ModelConfig, state["model_config"])
+        if state.get("world_size", 1) != world:
+            log.warning("resuming a %d-process run with %d processes: batches and results will differ",
+                        state.get("world_size", 1), world)
+    elif resume:
+        log.warning("--resume: no checkpoint in %s, starting afresh", out)
+
+    # -- determinism ---------------------------------------------------------------------------
+    set_seed(cfg.seed)  # identical initial weights in every process
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    # -- data ----------------------------------------------------------------------------------
+    features = model_cfg.speech.features
+    train_set = PairedDataset(cfg.data, "train", features=features, image_input=cfg.image_input,
+                              augment=cfg.augment or None, max_frames=cfg.max_frames)
+    val_set = PairedDataset(cfg.data, "val", features=features, image_input=cfg.image_input,
+                            max_frames=cfg.max_frames) if cfg.eval_every > 0 else None
+    steps_per_epoch = len(global_batches(train_set, cfg, 0, world))
+    total_steps = cfg.epochs * steps_per_epoch
+
+    # -- model, optimiser, loss ----------------------------------------------------------------
+    if state is None:
+        model_cfg = with_text_vocab(model_cfg, train_set)
+    model = build_model(model_cfg).to(device)
+    if state is not None:
+        model.load_state_dict(load_file(str(checkpoint.resolve(last_dir) / "model.safetensors"), device=str(device)))
+    elif cfg.init_from:
+        warm_start(model, cfg.init_from)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer != "adam":
+        raise ConfigError(f"optimizer {cfg.optimizer!r} is not supported; use adam (the seed found SGD 'terrible')")
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_rng = torch.Generator(device=device).manual_seed(cfg.seed)  # shared by all processes
+    loss_fn = build_loss(cfg.loss, margin=cfg.margin, hardest_n=cfg.hardest_n, generator=loss_rng)
+    use_text = cfg.text_loss_weight > 0
+    if use_text and model_cfg.text is None:
+        raise ConfigError("text_loss_weight > 0 needs a model with a text encoder (model.text)")
+    logit_scale = getattr(model, "logit_scale", None)
+
+    epoch, batch_in_epoch, step, best = 0, 0, 0, -1.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        loss_rng.set_state(state["loss_rng"].to(loss_rng.get_state().device))
+        epoch, batch_in_epoch, step, best = state["epoch"], state["batch"], state["step"], state["best"]
+        if main:
+            checkpoint.set_rng_state(state["rng"])
+        log.info("resumed %s at epoch %d, batch %d (step %d)", out, epoch, batch_in_epoch, step)
+    if world > 1:
+        # processes draw their own dropout / jitter noise; after a resume that is not bitwise the
+        # uninterrupted run's noise in processes other than 0 (only process 0's RNG is stored)
+        if not (main and state is not None):
+            set_seed(cfg.seed + 7919 * rank + step)
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+    writer = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps({"train": to_dict(cfg), "model": to_dict(model_cfg)},
+                                                          indent=2))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tb"))
+        n_params = sum(p.numel() for p in params)
+        log.info("model %s: %.2fM trainable parameters; %d train utterances, %d batches/epoch of %d on %s x%d",
+                 model_cfg.name, n_params / 1e6, len(train_set), steps_per_epoch, cfg.batch_size, device, world)
+
+    def save_last(finished_epoch: bool) -> None:
+        average_buffers(model)
+        if not main:
+            return
+        training_state = {
+            "format": 1, "model_config": to_dict(model_cfg), "train_config": to_dict(cfg),
+            "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(), "loss_rng": loss_rng.get_state(),
+            "epoch": epoch + 1 if finished_epoch else epoch, "batch": 0 if finished_epoch else batch_in_epoch,
+            "step": step, "best": best, "world_size": world,
+        }
+        checkpoint.save(last_dir, training_state, model=model, extra=model_extra())
+
+    def model_extra(val: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"data": str(Path(cfg.data).resolve()), "epoch": epoch, "step": step, "val": val,
+                "train_config": to_dict(cfg)}
+
+    # -- the loop ------------------------------------------------------------------------------
+    stop = StopRequest()
+    interrupted = False
+    with stop:
+        while epoch < cfg.epochs and not interrupted:
+            model.train()
+            batches = global_batches(train_set, cfg, epoch, world)
+            mine = [split_batch(b, world)[rank] for b in batches]
+            loader = torch.utils.data.DataLoader(
+                train_set, batch_sampler=mine[batch_in_epoch:], collate_fn=collate, num_workers=cfg.workers,
+                pin_memory=device.type == "cuda", persistent_workers=False,
+                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))  # keeps the global RNG untouched
+            bar = tqdm(loader, total=len(batches), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not main, dynamic_ncols=True, mininterval=1.0)
+            window: dict[str, float] = {}
+            window_n, t_window, utts = 0, time.perf_counter(), 0
+            for batch in bar:
+                global_idx = batches[batch_in_epoch]
+                sizes = [len(s) for s in split_batch(global_idx, world)]
+                image_ids = train_set.caption_image[torch.as_tensor(global_idx)].to(device)
+                lr = lr_at(step, cfg, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                audio = batch["audio"].to(device, non_blocking=True)
+                lengths = batch["audio_lengths"].to(device, non_blocking=True)
+                image = batch["image"].to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    speech = model.encode_speech_features(audio, lengths)
+                    img = model.encode_image(image)
+                    txt = model.encode_text(batch["text"]) if use_text else None
+                img_all = gather_rows(img.float(), sizes, rank)
+                cap_all = gather_rows(speech.embedding.float(), sizes, rank)
+                retrieval = loss_fn(img_all, cap_all, image_ids, logit_scale)
+                # each process adds its share of the VQ loss, weighted by its share of the frames
+                frame_share = float(lengths.sum()) / float(train_set.lengths[global_idx].sum()) if world > 1 else 1.0
+                loss = retrieval + speech.vq_loss.float() * frame_share
+                text_loss = None
+                if use_text:
+                    text_loss = loss_fn(img_all, gather_rows(txt.float(), sizes, rank), image_ids, logit_scale)
+                    loss = loss + cfg.text_loss_weight * text_loss
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if world > 1:
+                    sum_gradients(params)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None)
+                optimizer.step()
+                step += 1
+                batch_in_epoch += 1
+                utts += len(global_idx)
+
+                # -- logging: averages over the last log_every steps ----------------------------
+                vals = {"loss": float(loss), "retrieval_loss": float(retrieval), "vq_loss": float(speech.vq_loss)}
+                if text_loss is not None:
+                    vals["text_loss"] = float(text_loss)
+                if grad_norm is not None:
+                    vals["grad_norm"] = float(grad_norm)
+                for layer, stats in speech.vq_stats.items():
+                    for name, v in stats.items():
+                        vals[f"vq/{layer}/{name}"] = float(v)
+                for k, v in vals.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                if main and (step % cfg.log_every == 0 or batch_in_epoch == len(batches)):
+                    now = time.perf_counter()
+                    record = {"step": step, "epoch": epoch + batch_in_epoch / len(batches), "lr": lr,
+                              **{k: v / window_n for k, v in window.items()},
+                              "utt_per_s": utts / max(now - t_window, 1e-9)}
+                    _jsonl(metrics_path, record)
+                    if writer is not None:
+                        for k, v in record.items():
+                            if k not in ("step", "epoch"):
+                                writer.add_scalar(f"train/{k}", v, step)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    window, window_n, t_window, utts = {}, 0, now, 0
+
+                if any_process(stop.requested or (cfg.max_steps > 0 and step >= cfg.max_steps), device):
+                    interrupted = batch_in_epoch < len(batches) or epoch + 1 < cfg.epochs
+                    break
+            bar.close()
+
+            if batch_in_epoch < len(batches):  # stopped mid-epoch
+                save_last(finished_epoch=False)
+                break
+
+            # -- end of epoch: validate, keep the best, checkpoint ------------------------------
+            val = None
+            if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                average_buffers(model)
+                if main:
+                    val = retrieval_scores(model, val_set, batch_size=cfg.eval_batch_size,
+                                           max_images=cfg.val_max_images, amp=use_amp)
+                    val["mean_R@10"] = mean_r10(val)
+                    _jsonl(metrics_path, {"epoch": epoch + 1, "step": step, "val": val})
+                    if writer is not None:
+                        for direction, scores in val.items():
+                            if isinstance(scores, dict):
+                                for k, v in scores.items():
+                                    writer.add_scalar(f"val/{direction}/{k}", v, step)
+                    log.info("epoch %d: val %s", epoch + 1, _summary(val))
+                    if val["mean_R@10"] > best:
+                        best = val["mean_R@10"]
+                        checkpoint.save(best_dir, None, model=model, extra=model_extra(val))
+                        log.info("new best mean R@10 %.4f: saved %s", best, best_dir)
+            save_last(finished_epoch=True)
+            epoch += 1
+            batch_in_epoch = 0
+
+    if writer is not None:
+        writer.close()
+    if interrupted and main:
+        log.warning("stopped at epoch %d, step %d; continue with --resume (out_dir=%s)", epoch + 1, step, out)
+    if dist.is_initialized():
+        dist.barrier()
+    result = best_dir if best_dir.exists() else checkpoint.resolve(last_dir)
+    train.interrupted = interrupted  # type: ignore[attr-defined]  # read by the CLI for its exit code
+    return result
+
+
+def _summary(val: dict[str, Any]) -> str:
+    parts = []
+    for direction in ("speech_to_image", "image_to_speech", "text_to_image", "image_to_text"):
+        if direction in val:
+            parts.append(f"{direction} R@1/5/10 " + "/".join(f"{100 * val[direction][f'R@{k}']:.1f}" for k in (1, 5, 10)))
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration from the command line
+# ---------------------------------------------------------------------------------------------
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"speech": {"vq_positions": "01"}}`` -> ``{"speech.vq_positions": "01"}`` (partial sections)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def build_configs(config: str | None, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
+    """(TrainConfig, ModelConfig) from a preset name or YAML file plus ``key=value`` overrides."""
+    train_items: dict[str, Any] = {}
+    model_items: dict[str, Any] = {}
+    name = config or DEFAULT_PRESET
+    if config and (config.endswith((".yaml", ".yml")) or os.path.sep in config):
+        import yaml
+
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file {config} not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config}: expected a mapping of training keys (plus 'preset' and 'model')")
+        name = data.pop("preset", DEFAULT_PRESET)
+        model_items.update(_dotted(data.pop("model", {}) or {}))
+        train_items.update(data)
+    try:
+        model_cfg, preset_train = preset(name)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key.startswith("model."):
+            model_items[key[len("model."):]] = value
+        else:
+            train_items[key] = value
+    cfg = apply_overrides(TrainConfig(), {**preset_train, **train_items})
+    if "out_dir" not in train_items:
+        cfg = dataclasses.replace(cfg, out_dir=f"runs/{model_cfg.name}")
+    if model_items:
+        model_cfg = apply_overrides(model_cfg, model_items)
+    return cfg, model_cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1].split("Read top to bottom")[0]
+    parser.add_argument("config", nargs="?", help=f"preset name or YAML file (default: {DEFAULT_PRESET})")
+    parser.add_argument("overrides", nargs="*", help="key=value training overrides; model.<key>=value for the model")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last if it exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # `train lr=1e-3`: no preset, just overrides
+        config, overrides = None, [config, *overrides]
+    cfg, model_cfg = build_configs(config, overrides)
+    path = train(cfg, model_cfg, resume=args.resume)
+    log.info("model: %s", path)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 130 if getattr(train, "interrupted", False) else 0
