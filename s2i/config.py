@@ -79,8 +79,8 @@ class ImageConfig:
 class TextConfig:
     arch: str = "word"  # "word" | "char"
     embed_dim: int = 300
-    hidden_size: int = 512
-    num_layers: int = 1
+    hidden_size: int = 512  # per direction, all layers but the last (which has ModelConfig.embed_dim // 2)
+    num_layers: int = 2  # the seed's CMCL2022 text model: BiLSTM(300 -> 1024), BiLSTM(2048 -> 300)
     rnn_type: str = "lstm"
     vocab: list[str] = field(default_factory=list)  # index -> token; 0 = padding, 1 = unknown
     max_len: int = 128
