@@ -251,12 +251,12 @@ def _decode(name: str, data: bytes | str, max_seconds: float | None, on_too_long
         with soundfile.SoundFile(data if isinstance(data, str) else io.BytesIO(data)) as f:
             rate, n_frames = f.samplerate, f.frames
             keep = _frames_to_keep(n_frames, rate, max_seconds, on_too_long, name)
-            samples = f.read(n_frames if keep is None else keep, dtype="float32", always_2d=True)
-    except soundfile.LibsndfileError as e:
+            samples = f.read(-1 if keep is None else keep, dtype="float32", always_2d=True)
+    except soundfile.SoundFileError as e:
         if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] in (b"WAVE", b""):
-            raise AudioError(f"{name} is a truncated or corrupt WAV file: its header is incomplete "
+            raise AudioError(f"{name} is a truncated or corrupt WAV file: its header is incomplete or damaged "
                              f"({_size(data)} bytes)") from None
-        reason = e.error_string.strip().rstrip(".") or "unknown format"
+        reason = (getattr(e, "error_string", "") or str(e)).strip().rstrip(".") or "unknown format"
         raise AudioError(f"{name} is not a readable audio file ({reason}; readable formats: WAV, FLAC, "
                          "OGG, MP3, AIFF and the others libsndfile knows)") from None
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
