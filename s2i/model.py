@@ -228,16 +228,16 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor] | None 
 
 def _load_strict(model: S2I, state: dict[str, torch.Tensor], where: str) -> None:
     own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint "
+                                  f"but the config builds {tuple(own[name].shape)}")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(f"{where} does not fit its config: missing tensors {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint "
-                                  f"but the config builds {tuple(own[name].shape)}")
     model.load_state_dict(state)
 
 
