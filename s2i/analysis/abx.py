@@ -1,0 +1,363 @@
+"""ABX phone discrimination of speech representations (ZeroSpeech 2019 / 2021, libri-light ABX).
+
+An ABX triplet takes two phone tokens A and X of the same phone and a token B of another phone; the
+representation errs when X is closer to B than to A (a tie counts half). The error rate is 0 for a
+representation that separates phones perfectly and 0.5 for one that carries no phone information.
+
+* **context**: ``"within"`` (the ZeroSpeech triphone condition) compares only tokens whose previous and
+  next phones are the same (A, B and X share the context); ``"any"`` ignores the neighbours.
+* **speakers**: ``"within"``: A, B and X come from one speaker; ``"across"``: A and B from one speaker,
+  X from another.
+* **distance**: dynamic time warping (DTW) over frame-wise angular distances
+  ``arccos(cos(u, v)) / pi``, the summed cost divided by the length of the best path. Discrete codes are
+  compared as one-hot vectors (0 when equal, 0.5 when not) or, given the codebook, through the angle
+  between their code vectors.
+* **averaging** (as libri-light's ABX): error per (context, speaker, phone A, phone B) group, averaged over
+  contexts (and X speakers), then over speakers, then over phone pairs.
+* **sampling**: at most ``max_size_group`` tokens per (context, speaker, phone) and ``max_x_across`` X
+  speakers per A group, drawn with a fixed seed, which bounds the work on large sets.
+
+A phone token covers the frames whose centre lies inside it (at least the frame under its middle), with
+frame ``k`` centred at ``(k + 0.5) * frame_shift``. All DTWs of a run are computed together, batched by
+length over anti-diagonals with numpy.
+
+This follows libri-light-abx2 (PyPI ``zerospeech-libriabx2``), which also runs offline on CPU; it is
+re-implemented rather than wrapped because that package reads features from one file per utterance,
+prints to stdout, builds a C extension at install time and uses torch APIs deprecated since torch 2.
+``tests/test_analysis.py`` checks both give the same numbers when the package is installed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from s2i.analysis.words import SILENCE, Alignment
+
+log = logging.getLogger(__name__)
+
+SPEAKER_MODES = ("within", "across")
+CONTEXT_MODES = ("within", "any")
+_EDGE = "#"  # the context label of an utterance edge or a silence
+
+
+class ABXError(ValueError):
+    """Features, alignments or options that ABX cannot use."""
+
+
+@dataclass
+class ABXResult:
+    """ABX error rates (0 = perfect, 0.5 = chance); ``None`` where no triplet could be formed."""
+
+    within: float | None  # A, B, X from one speaker
+    across: float | None  # X from another speaker than A and B
+    context: str  # "within" (triphone) or "any"
+    n_items: int  # phone tokens used (after sampling)
+    n_pairs_within: int  # (phone A, phone B) pairs averaged over
+    n_pairs_across: int
+
+    def summary(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------
+# phone tokens
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Items:
+    utt: np.ndarray
+    start: np.ndarray  # first frame
+    stop: np.ndarray  # end frame (exclusive)
+    phone: np.ndarray  # ids
+    context: np.ndarray
+    speaker: np.ndarray
+
+
+def _phone_items(phones: Sequence[Alignment], speakers: Sequence[str], n_frames: np.ndarray,
+                 shift: np.ndarray, context: str) -> tuple[_Items, list[str]]:
+    """Every non-silence phone with its neighbours, as frame ranges of its utterance."""
+    rows, phone_ids, context_ids, speaker_ids = [], {}, {}, {}
+    for u, (alignment, spk) in enumerate(zip(phones, speakers)):
+        labels, times = [], []
+        for item in alignment or ():
+            try:
+                labels.append(str(item[0]).strip())
+                times.append((float(item[1]), float(item[2])))
+            except (TypeError, ValueError, IndexError):
+                raise ABXError(f"utterance {u}: a phone alignment must be (phone, start_s, end_s), "
+                               f"got {item!r}") from None
+        for i, (label, (s, e)) in enumerate(zip(labels, times)):
+            if label.lower() in SILENCE or e <= s:
+                continue
+            prev = labels[i - 1] if i > 0 and labels[i - 1].lower() not in SILENCE else _EDGE
+            nxt = labels[i + 1] if i + 1 < len(labels) and labels[i + 1].lower() not in SILENCE else _EDGE
+            ctx = f"{prev}_{nxt}" if context == "within" else ""
+            rows.append((u, s, e, phone_ids.setdefault(label, len(phone_ids)),
+                         context_ids.setdefault(ctx, len(context_ids)), speaker_ids.setdefault(str(spk), len(speaker_ids))))
+    if not rows:
+        raise ABXError("no phone tokens: the alignments are empty or silence only (is the corpus prepared "
+                       "with phone alignments?)")
+    arr = np.array(rows, dtype=float)
+    utt = arr[:, 0].astype(np.int64)
+    h, n = shift[utt], n_frames[utt]
+    start = np.ceil(arr[:, 1] / h - 0.5 - 1e-9)
+    stop = np.ceil(arr[:, 2] / h - 0.5 - 1e-9)
+    mid = np.floor((arr[:, 1] + arr[:, 2]) / 2 / h)
+    short = stop <= start
+    start, stop = np.where(short, mid, start), np.where(short, mid + 1, stop)
+    start, stop = np.clip(start, 0, n).astype(np.int64), np.clip(stop, 0, n).astype(np.int64)
+    keep = stop > start  # tokens past the end of the features are dropped
+    if not keep.all():
+        log.warning("ABX: %d of %d phone tokens lie beyond their utterance's features and are skipped",
+                    int((~keep).sum()), keep.size)
+    items = _Items(utt[keep], start[keep], stop[keep], arr[keep, 3].astype(np.int64),
+                   arr[keep, 4].astype(np.int64), arr[keep, 5].astype(np.int64))
+    return items, list(phone_ids)
+
+
+def _sample(items: _Items, max_size_group: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of at most ``max_size_group`` random tokens per (context, speaker, phone)."""
+    _, group = np.unique(np.stack([items.context, items.speaker, items.phone]), axis=1, return_inverse=True)
+    order = rng.permutation(group.size)
+    order = order[np.argsort(group[order], kind="stable")]
+    g = group[order]
+    first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
+    rank = np.arange(g.size) - np.repeat(first, np.diff(np.r_[first, g.size]))
+    return np.sort(order[rank < max_size_group])
+
+
+# ---------------------------------------------------------------------------------------------
+# distances
+# ---------------------------------------------------------------------------------------------
+class _Segments:
+    """The frames of the sampled tokens, laid end to end, and how to compare two of them."""
+
+    def __init__(self, features: Sequence[np.ndarray], items: _Items, codebook: np.ndarray | None):
+        self.codes = features[0].ndim == 1
+        self.length = items.stop - items.start
+        self.offset = np.r_[0, np.cumsum(self.length)]
+        utt_offset = np.r_[0, np.cumsum([len(f) for f in features])]
+        frames = np.repeat(utt_offset[items.utt] + items.start - self.offset[:-1], self.length) + np.arange(self.offset[-1])
+        if self.codes:
+            all_codes = np.concatenate([np.asarray(f, dtype=np.int64) for f in features])
+            self.data = all_codes[frames]
+            if codebook is None:
+                self.table = None
+            else:
+                if self.data.size and self.data.max() >= len(codebook):
+                    raise ABXError(f"a code ({int(self.data.max())}) is outside the codebook ({len(codebook)} codes)")
+                unit = codebook / np.maximum(np.linalg.norm(codebook, axis=1, keepdims=True), 1e-12)
+                self.table = (np.arccos(np.clip(unit @ unit.T, -1, 1)) / np.pi).astype(np.float32)
+        else:
+            x = np.concatenate([np.asarray(f, dtype=np.float32) for f in features])[frames]
+            self.data = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def gather(self, idx: np.ndarray, width: int) -> np.ndarray:
+        """(P, width[, D]) frames of tokens ``idx``, the last frame repeated as padding."""
+        pos = np.minimum(np.arange(width)[None, :], self.length[idx][:, None] - 1) + self.offset[idx][:, None]
+        return self.data[pos]
+
+    def frame_distances(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(P, La, Lb) angular distances between the frames of tokens a[p] and b[p]."""
+        la, lb = int(self.length[a].max()), int(self.length[b].max())
+        xa, xb = self.gather(a, la), self.gather(b, lb)
+        if self.codes:
+            if self.table is None:
+                return np.where(xa[:, :, None] == xb[:, None, :], np.float32(0), np.float32(0.5))
+            return self.table[xa[:, :, None], xb[:, None, :]]
+        return np.arccos(np.clip(np.matmul(xa, xb.transpose(0, 2, 1)), -1, 1)) / np.float32(np.pi)
+
+    def dtw(self, a: np.ndarray, b: np.ndarray, budget: int = 4_000_000) -> np.ndarray:
+        """Path-normalised DTW distance of each pair (a[p], b[p]), in chunks of similar lengths
+        holding about ``budget`` numbers each."""
+        out = np.empty(a.size)
+        longest = np.maximum(self.length[a], self.length[b])
+        order = np.argsort(longest, kind="stable")
+        longest = longest[order]
+        dim = 1 if self.codes else self.data.shape[1]
+
+        def fits(length: int) -> int:
+            return max(1, budget // ((length + 1) ** 2 * 3 + 2 * length * dim))
+
+        start = 0
+        while start < order.size:
+            end = min(order.size, start + fits(int(longest[start])))
+            end = start + min(end - start, fits(int(longest[end - 1])))
+            idx = order[start:end]
+            out[idx] = _dtw(self.frame_distances(a[idx], b[idx]), self.length[a[idx]], self.length[b[idx]])
+            start = end
+        return out
+
+
+def _dtw(d: np.ndarray, la: np.ndarray, lb: np.ndarray) -> np.ndarray:
+    """DTW of (P, La, Lb) distance matrices ending at (la - 1, lb - 1), cost / path length.
+
+    Steps are (1, 1), (0, 1), (1, 0); among equal-cost predecessors the diagonal wins, then (0, 1).
+    Cells on one anti-diagonal do not depend on each other, so each is one vectorised step.
+    """
+    p, n_a, n_b = d.shape
+    cost = np.full((p, n_a + 1, n_b + 1), np.inf)
+    steps = np.zeros((p, n_a + 1, n_b + 1), dtype=np.int32)
+    cost[:, 0, 0] = 0.0
+    for k in range(n_a + n_b - 1):
+        i = np.arange(max(0, k - n_b + 1), min(k, n_a - 1) + 1)
+        j = k - i
+        diag, up, left = cost[:, i, j], cost[:, i, j + 1], cost[:, i + 1, j]
+        take_diag = (diag <= left) & (diag <= up)
+        take_left = ~take_diag & (left <= up)
+        best = np.where(take_diag, diag, np.where(take_left, left, up))
+        n = np.where(take_diag, steps[:, i, j], np.where(take_left, steps[:, i + 1, j], steps[:, i, j + 1]))
+        cost[:, i + 1, j + 1] = best + d[:, i, j]
+        steps[:, i + 1, j + 1] = n + 1
+    rows = np.arange(p)
+    return cost[rows, la, lb] / steps[rows, la, lb]
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------
+def _errors_per_b(d_xa: np.ndarray, d_xo: np.ndarray, other_phone: np.ndarray, n_phones: int,
+                  exclude_diagonal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For X rows against A columns and other-phone columns: (errors, triplets) per other phone."""
+    nx, na = d_xa.shape
+    cmp = d_xa[:, :, None] - d_xo[:, None, :]  # > 0: X nearer to B than to A
+    wrong = (cmp > 0) + 0.5 * (cmp == 0)
+    if exclude_diagonal:  # X and A are the same token
+        wrong[np.arange(nx), np.arange(nx), :] = 0
+        pairs = nx * (na - 1)
+    else:
+        pairs = nx * na
+    errors = np.bincount(other_phone, weights=wrong.sum(axis=(0, 1)), minlength=n_phones)
+    triplets = np.bincount(other_phone, minlength=n_phones) * pairs
+    return errors, triplets
+
+
+def _average(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of values per unique key row: (unique keys, means)."""
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    return uniq, np.bincount(inv, weights=values) / np.bincount(inv)
+
+
+def _zerospeech_mean(records: list[tuple[int, int, int, float]]) -> tuple[float | None, int]:
+    """ZeroSpeech averaging of (speaker, phone A, phone B, error) records, one per context (and X
+    speaker): mean per (speaker, A, B), then over speakers per (A, B), then over (A, B) pairs."""
+    if not records:
+        return None, 0
+    r = np.array(records, dtype=float)
+    keys, per_speaker = _average(r[:, :3].astype(np.int64), r[:, 3])
+    pairs, per_pair = _average(keys[:, 1:], per_speaker)
+    return float(per_pair.mean()), int(len(pairs))
+
+
+def abx(features: Sequence[np.ndarray], frame_shift: float | Sequence[float], phones: Sequence[Alignment],
+        speakers: Sequence[str], *, context: str = "within", speaker_modes: Iterable[str] = SPEAKER_MODES,
+        codebook: np.ndarray | None = None, max_size_group: int = 10, max_x_across: int = 5,
+        seed: int = 0, progress: bool = False) -> ABXResult:
+    """ABX phone discrimination error of one representation over utterances.
+
+    Args:
+        features: per utterance either ``(T, D)`` float frames (continuous features) or ``(T,)`` int codes.
+        frame_shift: seconds per frame (one number or one per utterance).
+        phones: per utterance its phone alignment ``[(phone, start_s, end_s), ...]``.
+        speakers: per utterance its speaker id.
+        context: ``"within"`` (triphone: same neighbours) or ``"any"``.
+        speaker_modes: which of ``"within"`` / ``"across"`` to compute.
+        codebook: ``(K, D)`` code vectors; codes are then compared by angle instead of one-hot.
+        max_size_group, max_x_across, seed: the sampling caps (libri-light's defaults: 10, 5).
+    """
+    speaker_modes = tuple(speaker_modes)
+    if context not in CONTEXT_MODES:
+        raise ABXError(f"context must be one of {CONTEXT_MODES}, got {context!r}")
+    if set(speaker_modes) - set(SPEAKER_MODES) or not speaker_modes:
+        raise ABXError(f"speaker modes must be among {SPEAKER_MODES}, got {speaker_modes}")
+    if not (len(features) == len(phones) == len(speakers)):
+        raise ABXError(f"{len(features)} feature sequences, {len(phones)} phone alignments and "
+                       f"{len(speakers)} speakers: give one of each per utterance")
+    if not features:
+        raise ABXError("no utterances to score")
+    features = [np.asarray(f) for f in features]
+    ndims = {f.ndim for f in features}
+    if len(ndims) != 1 or ndims - {1, 2}:
+        raise ABXError("features must all be (T, D) frames or all be (T,) codes")
+    if 1 in ndims and not all(np.issubdtype(f.dtype, np.integer) for f in features):
+        raise ABXError("1-D features are read as codes and must be integers")
+    if max_size_group < 2:
+        raise ABXError("max_size_group must be at least 2 (A and X are two tokens of one phone)")
+    shift = np.broadcast_to(np.asarray(frame_shift, dtype=float), (len(features),))
+    if not np.all(shift > 0):
+        raise ABXError(f"frame_shift must be positive seconds, got {frame_shift!r}")
+    n_frames = np.array([len(f) for f in features])
+    items, phone_names = _phone_items(phones, speakers, n_frames, shift, context)
+    rng = np.random.default_rng(seed)
+    keep = _sample(items, max_size_group, rng)
+    items = _Items(*(getattr(items, f)[keep] for f in ("utt", "start", "stop", "phone", "context", "speaker")))
+    segments = _Segments(features, items, codebook)
+    n_phones = len(phone_names)
+
+    # cells: tokens sharing (context, speaker); A and B come from one cell
+    _, cell = np.unique(np.stack([items.context, items.speaker]), axis=1, return_inverse=True)
+    cell = cell.reshape(-1)
+    members = np.split(np.argsort(cell, kind="stable"), np.cumsum(np.bincount(cell))[:-1])
+    members = [m for m in members if np.unique(items.phone[m]).size > 1]
+
+    # every DTW needed, gathered first and computed in one batch
+    blocks: list[tuple[str, np.ndarray, np.ndarray]] = []  # (mode, X tokens, cell tokens)
+    if "within" in speaker_modes:
+        blocks += [("within", m, m) for m in members]
+    if "across" in speaker_modes:
+        by_group: dict[tuple[int, int, int], np.ndarray] = {}
+        order = np.lexsort((items.phone, items.speaker, items.context))
+        keys = np.stack([items.context, items.speaker, items.phone], axis=1)[order]
+        bounds = np.r_[0, np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1, order.size]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            by_group[tuple(keys[s])] = order[s:e]
+        speakers_of: dict[tuple[int, int], list[int]] = {}
+        for c, s, p in by_group:
+            speakers_of.setdefault((c, p), []).append(s)
+        for m in members:
+            c, s = int(items.context[m[0]]), int(items.speaker[m[0]])
+            for p in np.unique(items.phone[m]):
+                others = [o for o in speakers_of[(c, int(p))] if o != s]
+                if len(others) > max_x_across:
+                    others = sorted(rng.choice(others, size=max_x_across, replace=False).tolist())
+                blocks += [("across", by_group[(c, o, int(p))], m) for o in others]
+    sizes = [len(x) * len(m) for _, x, m in blocks]
+    if sizes:
+        rows = np.concatenate([np.repeat(x, len(m)) for _, x, m in blocks])
+        cols = np.concatenate([np.tile(m, len(x)) for _, x, m in blocks])
+    else:
+        rows = cols = np.zeros(0, dtype=np.int64)
+    log.info("ABX: %d tokens, %d DTWs", len(keep), rows.size)
+    dist = segments.dtw(rows, cols)
+    dist_blocks = np.split(dist, np.cumsum(sizes)[:-1]) if sizes else []
+
+    records: dict[str, list[tuple[int, int, int, float]]] = {"within": [], "across": []}
+    for (mode, x_tok, cell_tok), d in tqdm(zip(blocks, dist_blocks), total=len(blocks), disable=not progress,
+                                           desc=f"ABX ({context} context)"):
+        d = d.reshape(len(x_tok), len(cell_tok))
+        phone = items.phone[cell_tok]
+        if mode == "within":  # one DTW per unordered pair of same-phone tokens, as libri-light
+            i, j = np.triu_indices(len(cell_tok), 1)
+            same = phone[i] == phone[j]
+            d[j[same], i[same]] = d[i[same], j[same]]
+        s = int(items.speaker[cell_tok[0]])
+        a_phones = np.unique(phone) if mode == "within" else [int(items.phone[x_tok[0]])]
+        for a in a_phones:
+            is_a = phone == a
+            if mode == "within" and is_a.sum() < 2:
+                continue
+            d_x = d[is_a] if mode == "within" else d  # within: X ranges over the A tokens themselves
+            errors, triplets = _errors_per_b(d_x[:, is_a], d_x[:, ~is_a], phone[~is_a], n_phones,
+                                             exclude_diagonal=mode == "within")
+            records[mode] += [(s, int(a), int(b), errors[b] / triplets[b]) for b in np.flatnonzero(triplets)]
+
+    result = {mode: _zerospeech_mean(records[mode]) for mode in SPEAKER_MODES}
+    if all(v[0] is None for v in result.values()):
+        log.warning("ABX: no triplets could be formed (need two phones in one %s with repeated tokens)",
+                    "context and speaker" if context == "within" else "speaker")
+    return ABXResult(within=result["within"][0], across=result["across"][0], context=context,
+                     n_items=int(len(keep)), n_pairs_within=result["within"][1], n_pairs_across=result["across"][1])
