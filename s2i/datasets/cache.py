@@ -248,6 +248,8 @@ class _Items(Dataset):
 
     def __getitem__(self, k: int):
         i = self.indices[k]
+        # Each worker process runs one item at a time, so catching warnings here is safe
+        # (``warnings.catch_warnings`` is process-global: it must never run in threads).
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -259,6 +261,12 @@ class _Items(Dataset):
 
 def _as_is(item):
     return item
+
+
+def parallel_map(load: Callable[[int], Any], indices: Sequence[int], workers: int = 0) -> Iterable[tuple[int, bool, Any, list[str]]]:
+    """``load(i)`` for each index on ``workers`` processes (0: here), in order, as
+    ``(i, ok, result or error message, warnings raised)``; ``load`` must be picklable."""
+    return DataLoader(_Items(load, indices), batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is)
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
@@ -321,8 +329,6 @@ def _build(out: Path, *, kind: str, split: str, fingerprint: str, params: dict, 
     if done:
         logger.info("%s: %d of %d shards already done, resuming", out, len(done), num_shards)
     indices = [i for k in todo for i in range(k * shard_size, min(n, (k + 1) * shard_size))]
-    loader = DataLoader(_Items(load, indices), batch_size=None, shuffle=False, num_workers=workers,
-                        collate_fn=_as_is)
     bar = tqdm(total=n, initial=n - len(indices), desc=f"{kind} {split}", unit="item", disable=not progress,
                dynamic_ncols=True)
 
@@ -342,7 +348,7 @@ def _build(out: Path, *, kind: str, split: str, fingerprint: str, params: dict, 
         report.shards_built += 1
         bar.update(len(results))
 
-    for i, ok, payload, caught in loader:
+    for i, ok, payload, caught in parallel_map(load, indices, workers):
         k = i // shard_size
         if k != shard:
             if shard is not None:
