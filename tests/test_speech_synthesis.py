@@ -123,3 +123,12 @@ def test_a_fresh_process_gives_the_same_samples():
     )
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) > 40
+
+
+@pytest.mark.parametrize("variant", [None, "m3", "f5", "klatt", "caleb"])  # f5: breath noise; caleb: Klatt noise
+def test_same_arguments_same_samples_whatever_came_before(variant):
+    first = synthesize(TEXT, voice="en-029", variant=variant)
+    synthesize("something else entirely, said in another voice", voice="en-gb-x-rp", variant="f2", rate=300)
+    again = synthesize(TEXT, voice="en-029", variant=variant)
+    assert hashlib.sha1(first.audio.tobytes()).digest() == hashlib.sha1(again.audio.tobytes()).digest()
+    assert first.words == again.words and first.phones == again.phones

@@ -10,14 +10,15 @@ their sample position, so the alignment is the synthesiser's own, not a forced a
     utt.words            # [("a", 0.0, 0.06), ("red", 0.06, 0.31), ...]
     utt.phones           # [("ɐ", 0.0, 0.06), ("ɹ", 0.06, 0.11), ...]
 
-eSpeak is one global C library: every call holds a process-wide lock, and the library is initialised
-once per process (again after a ``fork``). See ``synthesize`` for what "reproducible" means here.
+eSpeak is one global C library that keeps signal state between calls: every call holds a
+process-wide lock and runs on a freshly loaded copy of the library, so the same arguments always give
+the same samples (also across threads, forked workers and processes).
 """
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,45 +88,49 @@ class Utterance:
 
 
 class _Engine:
-    """The process's single eSpeak NG instance (library handle, callback, buffers)."""
+    """One freshly loaded copy of libespeak-ng: library handle, callback and buffers.
+
+    eSpeak keeps signal state in C globals from one call to the next (pitch-flutter phase, echo
+    buffer, ...), which no API call resets, so a long-lived instance would make each call's samples
+    depend on the calls before it. Loading a fresh copy per utterance (~10 ms) and unloading it
+    afterwards makes synthesis a pure function of its arguments.
+    """
 
     def __init__(self) -> None:
         try:
             import espeakng_loader
         except ImportError as exc:  # pragma: no cover - it is a requirement
             raise SynthesisError("speech synthesis needs the 'espeakng-loader' package: pip install espeakng-loader") from exc
-        self.data_path = Path(espeakng_loader.get_data_path())
-        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        self.lib.espeak_Initialize.restype = ctypes.c_int
-        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self.lib.espeak_SetVoiceByName.restype = ctypes.c_int
-        self.lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self.lib.espeak_SetParameter.restype = ctypes.c_int
-        self.lib.espeak_Synth.argtypes = [
+        data_path = Path(espeakng_loader.get_data_path())
+        lib = self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
             ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
         ]
-        self.lib.espeak_Synth.restype = ctypes.c_int
-        self.lib.espeak_SetSynthCallback.argtypes = [_Callback]
-        self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_SetSynthCallback.argtypes = [_Callback]
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         self._callback = _Callback(self._on_audio)  # kept referenced: C holds a raw pointer to it
         self._blocks: list[np.ndarray] = []
         self._events: list[tuple[int, int, int, int, str]] = []
-        self.pid = -1
-        self.sample_rate = 0
-        self._initialize()
-
-    def _initialize(self) -> None:
         # path = the folder that contains espeak-ng-data
-        rate = self.lib.espeak_Initialize(
-            _AUDIO_OUTPUT_SYNCHRONOUS, 0, str(self.data_path.parent).encode(), _INITIALIZE_PHONEME_EVENTS_IPA
+        rate = lib.espeak_Initialize(
+            _AUDIO_OUTPUT_SYNCHRONOUS, 0, str(data_path.parent).encode(), _INITIALIZE_PHONEME_EVENTS_IPA
         )
         if rate <= 0:
-            raise SynthesisError(f"eSpeak NG failed to initialise with data at {self.data_path}")
-        self.lib.espeak_SetSynthCallback(self._callback)
+            self.close()
+            raise SynthesisError(f"eSpeak NG failed to initialise with data at {data_path}")
+        lib.espeak_SetSynthCallback(self._callback)
         self.sample_rate = rate
-        self.pid = os.getpid()
+
+    def close(self) -> None:
+        """Terminate and unload this copy, so the next one starts from the library's initial state."""
+        self.lib.espeak_Terminate()
+        unload = getattr(_ctypes, "dlclose", None) or getattr(_ctypes, "FreeLibrary", None)
+        if unload is not None:
+            unload(self.lib._handle)
 
     def _on_audio(self, wav, n: int, events) -> int:
         if wav and n > 0:
@@ -141,14 +146,15 @@ class _Engine:
         return 0
 
     def synthesize(self, text: str, voice_name: str, rate: int, pitch: int) -> tuple[np.ndarray, list]:
-        if os.getpid() != self.pid:  # forked child: give it its own initialised state
-            self._initialize()
+        """int16 samples and the event list ``(type, text_position, length, sample, phoneme)``."""
         if self.lib.espeak_SetVoiceByName(voice_name.encode()) != _EE_OK:
             raise SynthesisError(f"unknown eSpeak voice {voice_name!r}; see list_voices()")
         self.lib.espeak_SetParameter(_PARAM_RATE, rate, 0)
         self.lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0)
-        self._blocks, self._events = [], []
-        self.lib.espeak_ng_SetRandSeed(0)  # eSpeak jitters with a global PRNG: same text, same samples
+        # noise (breath, Klatt voices) comes from eSpeak's PRNG, seeded from the clock at start-up,
+        # and from the C library's rand()
+        self.lib.espeak_ng_SetRandSeed(0)
+        _seed_c_rand()
         data = text.encode("utf-8") + b"\0"
         status = self.lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         if status != _EE_OK:
@@ -157,15 +163,26 @@ class _Engine:
         return samples, self._events
 
 
+def _seed_c_rand() -> None:
+    """srand(0): some Klatt voices draw noise from the C library's rand() (a process-wide side effect)."""
+    try:
+        ctypes.CDLL(None).srand(0)
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - no POSIX C library (Windows)
+        pass
+
+
+# eSpeak is one set of C globals per process: one utterance at a time.
 _lock = threading.Lock()
-_engine: _Engine | None = None
 
 
-def _get_engine() -> _Engine:
-    global _engine
-    if _engine is None:
-        _engine = _Engine()
-    return _engine
+def _synthesize_fresh(text: str, voice_name: str, rate: int, pitch: int) -> tuple[np.ndarray, list, int]:
+    with _lock:
+        engine = _Engine()
+        try:
+            samples, events = engine.synthesize(text, voice_name, rate, pitch)
+        finally:
+            engine.close()
+    return samples, events, engine.sample_rate
 
 
 def _voice_name(voice: str, variant: str | None) -> str:
@@ -220,10 +237,7 @@ def synthesize(
     ``"m2"``, ``"klatt"``), speaking ``rate`` in words per minute (80-450) and base ``pitch`` (0-100).
 
     Returns audio at the engine's own rate (22,050 Hz) with word and phone alignments in seconds.
-    Reproducibility: eSpeak carries some signal state from one call to the next (pitch-flutter phase,
-    echo buffer), so the samples depend on the calls made before in this process (by a few samples'
-    length, inaudibly); the same sequence of calls in a fresh process gives the same bytes. The
-    corpus generator relies on that: each chunk of work runs in a freshly forked process.
+    The same arguments give the same samples, whatever was synthesised before, in any process.
     """
     if not isinstance(text, str) or not text.strip():
         raise SynthesisError("nothing to synthesise: the text is empty")
@@ -232,10 +246,7 @@ def synthesize(
     if not 0 <= int(pitch) <= 100:
         raise SynthesisError(f"pitch {pitch} is outside 0-100")
     name = _voice_name(voice, variant)
-    with _lock:
-        engine = _get_engine()
-        samples, events = engine.synthesize(text, name, int(rate), int(pitch))
-        sample_rate = engine.sample_rate
+    samples, events, sample_rate = _synthesize_fresh(text, name, int(rate), int(pitch))
     if len(samples) == 0:
         raise SynthesisError(f"eSpeak NG produced no audio for {text!r}")
     words, phones = _alignments(text, events, len(samples), sample_rate)
