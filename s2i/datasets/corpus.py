@@ -286,8 +286,9 @@ class PairedDataset(Dataset):
     """(spoken caption, image) pairs of one split of a prepared corpus.
 
     ``features``: "fbank" | "mfcc". ``image_input``: "pixels" or the name of a cached image-feature
-    set (e.g. "resnet152"). ``augment``: a callable on a 1-D 16 kHz waveform; with it the waveform
-    is always read, augmented and turned into features here (in the DataLoader worker).
+    set (e.g. "resnet152"). ``augment``: a callable on a 1-D 16 kHz waveform, or a spec string for
+    ``s2i.datasets.augment.from_spec`` (e.g. "noise,speed"); with it the waveform is always read,
+    augmented and turned into features here (in the DataLoader worker).
     ``max_frames``: longer utterances are cut to their first ``max_frames`` frames.
     ``image_size``: pixels resized (shorter side) and centre-cropped to this size; None = as stored
     (the pixel cache's size when there is exactly one pixel cache, else the file's own size).
@@ -297,9 +298,12 @@ class PairedDataset(Dataset):
     """
 
     def __init__(self, corpus_dir: str | os.PathLike, split: str, features: str = "fbank",
-                 image_input: str = "pixels", augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 image_input: str = "pixels", augment: Callable[[torch.Tensor], torch.Tensor] | str | None = None,
                  max_frames: int = 2048, image_size: int | None = None):
         from s2i.datasets import cache
+
+        if isinstance(augment, str):
+            augment = _augmentation(augment) if augment.strip() else None
 
         if features not in AUDIO_FEATURES:
             raise CorpusError(f"unknown speech features {features!r}; choose one of {list(AUDIO_FEATURES)}")
@@ -425,6 +429,16 @@ class PairedDataset(Dataset):
     def image_dataset(self) -> "ImageSet":
         """The split's unique images as a Dataset (for embedding a gallery)."""
         return ImageSet(self)
+
+
+def _augmentation(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        from s2i.datasets import augment
+    except ModuleNotFoundError as e:
+        if e.name != "s2i.datasets.augment":
+            raise
+        raise CorpusError(f"augmentation {spec!r} needs s2i.datasets.augment, which is not installed") from None
+    return augment.from_spec(spec)
 
 
 class ImageSet(Dataset):

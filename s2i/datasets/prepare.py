@@ -195,7 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.set_defaults(_run=None)
     else:
         synthetic.add_arguments(p)
-        p.set_defaults(_run=synthetic.run)
+        _add_cache_arguments(p, image_size=int(getattr(synthetic, "IMAGE_SIZE", 128)))
+        p.set_defaults(_run=_run_synthetic, _synthetic_run=synthetic.run)
     for name, help_text in REAL_CORPORA.items():
         p = sub.add_parser(name, help=f"prepare {help_text}", description=f"Prepare {help_text}.")
         p.add_argument("--root", required=True, help="the folder the corpus was unpacked into")
@@ -205,19 +206,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name in ("places", "spokencoco"):
             p.add_argument("--image-root", default=None, help="folder the JSON's image paths start from")
             p.add_argument("--audio-root", default=None, help="folder the JSON's wav paths start from")
-        p.add_argument("--features", default="mfcc,fbank", type=_csv,
-                       help="speech-feature caches to build: mfcc, fbank, both (default) or none")
-        p.add_argument("--image-features", default="pixels", type=_csv,
-                       help="image caches: pixels and/or a backbone such as resnet152 (ten-crop mean, the seed's) "
-                            "or resnet152-center; none for no image cache (default: pixels)")
-        p.add_argument("--image-weights", default=None,
-                       help="state-dict file of the backbone (torch.save or .safetensors); 'random' = untrained "
-                            "weights, for tests only")
-        p.add_argument("--image-size", type=int, default=224, help="pixel cache: shorter side + centre crop (224)")
-        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel workers")
-        p.add_argument("--device", default="auto", help="device for image features: auto, cpu, cuda, cuda:N")
+        _add_cache_arguments(p, image_size=224)
         p.add_argument("--max-frames", type=int, default=2048, help="warn about utterances longer than this")
         p.set_defaults(_run=_run_real)
+
+
+def _add_cache_arguments(p: argparse.ArgumentParser, image_size: int) -> None:
+    """The cache options, skipping any the parser already has (the synthetic generator's own)."""
+    options = [
+        ("--features", dict(default="mfcc,fbank", type=_csv,
+                            help="speech-feature caches to build: mfcc, fbank, both (default) or none")),
+        ("--image-features", dict(default="pixels", type=_csv,
+                                  help="image caches: pixels and/or a backbone such as resnet152 (ten-crop mean, the "
+                                       "seed's) or resnet152-center; none for no image cache (default: pixels)")),
+        ("--image-weights", dict(default=None, help="state-dict file of the backbone (torch.save or .safetensors); "
+                                                    "'random' = untrained weights, for tests only")),
+        ("--image-size", dict(type=int, default=image_size,
+                              help=f"pixel cache: shorter side resized + centre crop ({image_size})")),
+        ("--workers", dict(type=int, default=min(8, os.cpu_count() or 1), help="parallel worker processes")),
+        ("--device", dict(default="auto", help="device for image features: auto, cpu, cuda, cuda:N")),
+    ]
+    for flag, kwargs in options:
+        if flag not in p._option_string_actions:  # argparse keeps no public list of its flags
+            p.add_argument(flag, **kwargs)
 
 
 def read_layout(args: argparse.Namespace) -> Manifest:
@@ -235,18 +246,34 @@ def read_layout(args: argparse.Namespace) -> Manifest:
     return read_spokencoco(args.root, karpathy=args.karpathy, image_root=args.image_root, audio_root=args.audio_root)
 
 
-def _run_real(args: argparse.Namespace) -> int:
+def _cache_options(args: argparse.Namespace) -> dict:
     import torch
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    random_init = args.image_weights == "random"
     for name in args.features:
         if name not in ("mfcc", "fbank"):
             raise CorpusError(f"--features: unknown speech features {name!r}; use mfcc, fbank or none")
+    random_init = args.image_weights == "random"
+    return dict(features=args.features, image_features=args.image_features, image_size=args.image_size,
+                image_weights=None if random_init else args.image_weights, random_init=random_init,
+                workers=args.workers,
+                device=("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+
+def _run_synthetic(args: argparse.Namespace) -> int:
+    """The generator writes the corpus (its own command); then its caches are built like any corpus's."""
+    from s2i.datasets.cache import build_caches
+
+    options = _cache_options(args)  # checked before the (long) generation
+    code = int(args._synthetic_run(args) or 0)
+    if code == 0 and (options["features"] or options["image_features"]):
+        build_caches(args.out, **options)
+    return code
+
+
+def _run_real(args: argparse.Namespace) -> int:
+    options = _cache_options(args)
     manifest = read_layout(args)
-    prepare_corpus(manifest, args.out, features=args.features, image_features=args.image_features,
-                   image_size=args.image_size, image_weights=None if random_init else args.image_weights,
-                   random_init=random_init, workers=args.workers, device=device, max_frames=args.max_frames)
+    prepare_corpus(manifest, args.out, max_frames=args.max_frames, **options)
     return 0
 
 
