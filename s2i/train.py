@@ -42,21 +42,22 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from s2i import checkpoint
 from s2i.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, from_dict, preset, to_dict
 from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSampler, collate
-from s2i.evaluate import mean_r10, retrieval_scores
+from s2i.evaluate import mean_r10, model_folder, retrieval_scores
 from s2i.losses import build_loss
-from s2i.model import build_model
+from s2i.encoders.text import Tokenizer
+from s2i.model import build_model, load_matching, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,14 @@ def global_batches(dataset: PairedDataset, cfg: TrainConfig, epoch: int, world: 
 
     ``bucket=True``: length-bucketed batches (little padding); otherwise the seed's batching:
     a random permutation cut into consecutive batches (lengths mixed, padded to the longest).
-    Under DDP, batches smaller than the number of processes are dropped (a process cannot embed
-    an empty slice).
+    Batches of one utterance are dropped (no negatives: nothing to learn), and under DDP batches
+    smaller than the number of processes (a process cannot embed an empty slice).
     """
     kind = BucketBatchSampler if cfg.bucket else RandomBatchSampler
     sampler = kind(dataset.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed,
                    caption_image=dataset.caption_image if cfg.one_caption_per_image else None)
     sampler.set_epoch(epoch)
-    return [b for b in sampler.global_batches() if len(b) >= world]
+    return [b for b in sampler.global_batches() if len(b) >= max(2, world)]
 
 
 def split_batch(batch: list[int], world: int) -> list[list[int]]:
@@ -198,6 +199,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: str | None = None  # "SIGTERM" | "SIGINT" once one arrived
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -210,8 +212,8 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("%s received: stopping after this step and writing a checkpoint",
-                    signal.Signals(signum).name)
+        self.signal = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step and writing a checkpoint", self.signal)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -222,27 +224,11 @@ class StopRequest:
 # model set-up
 # ---------------------------------------------------------------------------------------------
 def with_text_vocab(model_cfg: ModelConfig, dataset: PairedDataset) -> ModelConfig:
-    """Fill an empty text vocabulary from the training captions (stored in the model config)."""
+    """Fill an empty text vocabulary from the training captions (it is stored in the model config)."""
     if model_cfg.text is None or model_cfg.text.vocab:
         return model_cfg
-    from s2i.encoders.text import Tokenizer
-
-    vocab = Tokenizer.build_vocab([u["text"] for u in dataset.utterances], arch=model_cfg.text.arch)
+    vocab = Tokenizer.from_texts([u["text"] for u in dataset.utterances], level=model_cfg.text.arch).vocab
     return dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, vocab=list(vocab)))
-
-
-def warm_start(model: torch.nn.Module, path: str) -> None:
-    """Copy every weight whose name and shape match from a model folder (e.g. a model without VQ into
-    one with VQ layers: the VQ codebooks keep their fresh initialisation)."""
-    folder = checkpoint.resolve(path)
-    weights = load_file(str(folder / "model.safetensors"))
-    own = model.state_dict()
-    matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(matching, strict=False)
-    skipped = sorted(set(weights) - set(matching))
-    fresh = sorted(set(own) - set(matching))
-    log.info("init_from %s: %d tensors loaded, %d skipped (shape/name mismatch), %d left as initialised%s",
-             folder, len(matching), len(skipped), len(fresh), f" (e.g. {fresh[:3]})" if fresh else "")
 
 
 def set_seed(seed: int) -> None:
@@ -261,12 +247,24 @@ def _jsonl(path: Path, record: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # the training run
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    model: Path  # best/ (or last/ when there was no validation): a model folder for s2i.load
+    finished: bool  # every epoch trained
+    stopped_by: str | None = None  # "SIGTERM" | "SIGINT" | "max_steps" when it stopped early
+
+
 def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Path:
     """Train ``model_cfg`` with ``cfg``; return the folder of the best model (``s2i.load``-able).
 
     ``resume=True`` continues from ``cfg.out_dir/last`` if it exists (its stored model config wins).
     Stops early, with a checkpoint, on SIGTERM / Ctrl-C or after ``cfg.max_steps`` steps.
     """
+    return run(cfg, model_cfg, resume).model
+
+
+def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunResult:
+    """:func:`train`, also saying whether the run finished or why it stopped."""
 
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose from {list(SCHEDULES)}")
@@ -306,9 +304,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         model_cfg = with_text_vocab(model_cfg, train_set)
     model = build_model(model_cfg).to(device)
     if state is not None:
-        model.load_state_dict(load_file(str(checkpoint.resolve(last_dir) / "model.safetensors"), device=str(device)))
+        model.load_state_dict(read_weights(checkpoint.resolve(last_dir), device=device))
     elif cfg.init_from:
-        warm_start(model, cfg.init_from)
+        # warm start (e.g. VQ {} -> {3}): matching weights are copied, new VQ layers start by k-means
+        load_matching(model, read_weights(model_folder(cfg.init_from), device=device))
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer != "adam":
         raise ConfigError(f"optimizer {cfg.optimizer!r} is not supported; use adam (the seed found SGD 'terrible')")
@@ -418,9 +417,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
                 utts += len(global_idx)
 
                 # -- logging: averages over the last log_every steps ----------------------------
-                vals = {"loss": float(loss), "retrieval_loss": float(retrieval), "vq_loss": float(speech.vq_loss)}
+                vals = {"loss": loss.detach().item(), "retrieval_loss": retrieval.detach().item(), "vq_loss": speech.vq_loss.detach().item()}
                 if text_loss is not None:
-                    vals["text_loss"] = float(text_loss)
+                    vals["text_loss"] = text_loss.detach().item()
                 if grad_norm is not None:
                     vals["grad_norm"] = float(grad_norm)
                 for layer, stats in speech.vq_stats.items():
@@ -480,9 +479,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         log.warning("stopped at epoch %d, step %d; continue with --resume (out_dir=%s)", epoch + 1, step, out)
     if dist.is_initialized():
         dist.barrier()
-    result = best_dir if best_dir.exists() else checkpoint.resolve(last_dir)
-    train.interrupted = interrupted  # type: ignore[attr-defined]  # read by the CLI for its exit code
-    return result
+    stopped_by = (stop.signal or "max_steps") if interrupted else None
+    if main:
+        _jsonl(metrics_path, {"event": "stopped" if interrupted else "finished", "epoch": epoch, "step": step,
+                              **({"reason": stopped_by} if stopped_by else {})})
+    return RunResult(best_dir if best_dir.exists() else checkpoint.resolve(last_dir), not interrupted, stopped_by)
 
 
 def _summary(val: dict[str, Any]) -> str:
@@ -548,19 +549,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1].split("Read top to bottom")[0]
     parser.add_argument("config", nargs="?", help=f"preset name or YAML file (default: {DEFAULT_PRESET})")
-    parser.add_argument("overrides", nargs="*", help="key=value training overrides; model.<key>=value for the model")
+    # REMAINDER, so that flags may also follow the overrides (`train rnn_small lr=1e-3 --resume`)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="key=value training overrides; model.<key>=value for the model")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last if it exists")
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config, overrides = args.config, list(args.overrides)
+    config, overrides = args.config, [o for o in args.overrides if o != "--resume"]
+    resume = args.resume or "--resume" in args.overrides
     if config and "=" in config:  # `train lr=1e-3`: no preset, just overrides
         config, overrides = None, [config, *overrides]
     cfg, model_cfg = build_configs(config, overrides)
-    path = train(cfg, model_cfg, resume=args.resume)
-    log.info("model: %s", path)
+    result = run(cfg, model_cfg, resume=resume)
+    log.info("model: %s", result.model)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 130 if getattr(train, "interrupted", False) else 0
+    # stopped by a signal: the shell's 128 + signal number, so job schedulers see an unfinished run
+    return {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}.get(result.stopped_by or "", 0)
