@@ -67,21 +67,22 @@ def embed_images(model, files: list[Path], batch_size: int = 64,
 def embed_captions(model, waveforms: list[torch.Tensor], batch_size: int = 32
                    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]], dict[str, float]]:
     """Speech embeddings ``(N, D)``, each caption's VQ codes per layer, and each layer's frame shift."""
-    embeddings, codes, shifts = [], {}, {}
+    codes: dict[str, list[torch.Tensor | None]] = {}
+    shifts: dict[str, float] = {}
     has_vq = "1" in (model.config.speech.vq_positions or "")
     # similar lengths together: less padding (the model's result never depends on it)
     order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
     by_index: dict[int, torch.Tensor] = {}
     for a, b in _batches(len(order), batch_size, "captions"):
         idx = order[a:b]
-        emb = model.encode_speech([waveforms[i] for i in idx], sample_rate=16000).float().cpu()
-        by_index.update(zip(idx, emb))
+        batch = [waveforms[i] for i in idx]
+        by_index.update(zip(idx, model.encode_speech(batch, sample_rate=16000).float().cpu()))
+        if has_vq:
+            for i, units in zip(idx, model.units(batch, sample_rate=16000)):
+                for name, seq in units.items():
+                    codes.setdefault(name, [None] * len(waveforms))[i] = seq.codes.long().flatten().cpu()
+                    shifts[name] = float(seq.frame_shift_s)
     embeddings = torch.stack([by_index[i] for i in range(len(waveforms))])
-    if has_vq:
-        for wave in tqdm(waveforms, desc="units", unit="utt", leave=False):
-            for name, seq in model.units(wave, sample_rate=16000).items():
-                codes.setdefault(name, []).append(torch.as_tensor(seq.codes).long().flatten().cpu())
-                shifts[name] = float(seq.frame_shift_s)
     return embeddings, codes, shifts
 
 

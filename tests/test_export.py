@@ -40,7 +40,7 @@ def _draw(colour: str, shape: str, size: int = 64) -> Image.Image:
     return im
 
 
-def make_corpus(root: Path, n_images: int = 8, captions_per_image: int = 2, split: str = "test") -> Path:
+def make_corpus(root: Path, n_images: int = 8, captions_per_image: int = 2, splits: tuple[str, ...] = ("test",)) -> Path:
     """A prepared corpus (docs/DESIGN.md format) of coloured shapes with spoken, word-aligned captions."""
     from s2i.audio import to_mono_16k
     from s2i.datasets.speech_synthesis import synthesize
@@ -62,10 +62,11 @@ def make_corpus(root: Path, n_images: int = 8, captions_per_image: int = 2, spli
                           "text": text, "speaker": f"{voice}+{variant}",
                           "words": [[w, round(a, 3), round(b, 3)] for w, a, b in utt.words],
                           "scene": {"colour": colour, "shape": shape}})
-    (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    for split in splits:  # (the same utterances in every split: enough to exercise training in the app)
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (root / "corpus.json").write_text(json.dumps({
         "format": "s2i-corpus", "version": 1, "name": "shapes", "sample_rate": 16000,
-        "splits": {split: {"utterances": len(lines), "images": len(combos)}},
+        "splits": {split: {"utterances": len(lines), "images": len(combos)} for split in splits},
         "image_root": "images", "audio_root": "audio", "report": {}}))
     return root
 
