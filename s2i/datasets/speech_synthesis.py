@@ -19,6 +19,7 @@ from __future__ import annotations
 import _ctypes
 import ctypes
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,15 @@ def _seed_c_rand() -> None:
 
 # eSpeak is one set of C globals per process: one utterance at a time.
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a fork can copy the lock while another thread holds it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _synthesize_fresh(text: str, voice_name: str, rate: int, pitch: int) -> tuple[np.ndarray, list, int]:
