@@ -119,8 +119,13 @@ class S2I(nn.Module):
     def units(self, audio: Any, sample_rate: int = SAMPLE_RATE) -> dict[str, UnitSequence] | list[dict[str, UnitSequence]]:
         """The VQ codes of each VQ layer (``"vq{position}"``) for one utterance (a list: one dict each)."""
         single = not isinstance(audio, (list, tuple))
-        with torch.no_grad():
-            out = self.encode_speech_features(*self.speech_features(audio, sample_rate))
+        was_training = self.training
+        self.eval()  # codes must not depend on the mode: no jitter, no codebook update
+        try:
+            with torch.no_grad():
+                out = self.encode_speech_features(*self.speech_features(audio, sample_rate))
+        finally:
+            self.train(was_training)
         shift = float(getattr(self.features, "frame_shift", 0.01))
         result = []
         for b in range(out.embedding.shape[0]):
@@ -183,6 +188,8 @@ class S2I(nn.Module):
 
     def _image_batch(self, images: Any) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
+            if images.dim() == 3 and getattr(self.image, "spatial", False):
+                images = images[None]  # one preprocessed image (3, H, W)
             return images.to(self.device)
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -253,6 +260,7 @@ def save(model: S2I, directory: str | Path, extra: dict[str, Any] | None = None)
     temporary sibling folder that then replaces ``directory`` (other files already there are kept)."""
     from safetensors.torch import save_file
 
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -345,7 +353,10 @@ def load(path_or_name: str | Path = "default", device: str | torch.device = "cpu
     """A checkpoint folder or a name from :func:`available_models` -> :class:`S2I` in eval mode on ``device``."""
     config, _ = read_config(path_or_name)
     state = read_weights(path_or_name)
-    model = S2I(config, load_image_weights=False)
+    try:
+        model = S2I(config, load_image_weights=False)
+    except ConfigError as exc:
+        raise CheckpointError(f"{_resolve(path_or_name) / CONFIG}: {exc}") from None
     _load_strict(model, state, str(_resolve(path_or_name)))
     return model.to(device).eval()
 

@@ -54,7 +54,9 @@ def test_encode_shapes_and_normalisation(model):
     assert model.encode_text("a cat").shape == (1, 16)
     pil_like = [np.random.randint(0, 255, (40, 60, 3), dtype=np.uint8), np.random.rand(32, 32, 3)]
     assert model.encode_image(pil_like).shape == (2, 16)
-    assert model.preprocess_image(pil_like[0]).shape == (3, 32, 32)
+    one = model.preprocess_image(pil_like[0])
+    assert one.shape == (3, 32, 32) and 0 <= float(one.min()) and float(one.max()) <= 1
+    torch.testing.assert_close(model.encode_image(one), model.encode_image(pil_like[:1]))
     assert model.image_map(torch.rand(1, 3, 32, 32)).shape == (1, 16, 8, 8)
 
 
@@ -97,6 +99,10 @@ def test_training_mode_keeps_gradients():
     loss.backward()
     for name, p in m.named_parameters():
         assert p.grad is not None, name
+    # units() never updates codebooks or BatchNorm statistics, and leaves the mode as it was
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.units(waves()[0])
+    assert m.training and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
 def test_save_load_round_trip(model, saved):
