@@ -1,0 +1,224 @@
+"""Waveform augmentations: for training, and as test conditions for robustness evaluation.
+
+Plain functions on a 1-D float waveform (a torch tensor; numpy arrays are accepted):
+
+    add_noise(wave, snr_db=10)            white (or pink) noise, or another signal (babble), at an exact SNR
+    speed(wave, 1.1)                      speed perturbation by resampling (tempo and pitch change together)
+    telephone(wave, 16000)                300-3400 Hz band, 8 kHz, mu-law codec: a phone line
+    reverb(wave, rt60=0.5)                convolution with a synthetic exponentially decaying room response
+
+and :class:`Augment`, a picklable callable composed from a spec string, used by
+``PairedDataset(augment=...)``, ``train augment=...`` and ``evaluate --augment``::
+
+    Augment("noise:10")                   white noise at 10 dB SNR, on every utterance (a test condition)
+    Augment("noise:5..20@0.5,speed@0.5")  SNR drawn in [5, 20] dB half the time; speed in [0.9, 1.1] half the time
+    Augment("train")                      the preset training recipe (PRESETS["train"])
+
+Item syntax: ``name[:value | :low..high][@probability]``; names are ``noise``, ``pink``, ``speed``,
+``telephone``, ``reverb``; without a value the range in :data:`DEFAULT_RANGES` is used; without a
+probability the item is applied to every utterance. Random draws come from the ``generator`` given
+to the call, else from torch's global RNG (seeded per DataLoader worker by torch).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchaudio.functional as AF
+
+SAMPLE_RATE = 16000
+TELEPHONE_BAND = (300.0, 3400.0)
+DEFAULT_RANGES: dict[str, tuple[float, float]] = {
+    "noise": (5.0, 20.0),  # SNR in dB
+    "pink": (5.0, 20.0),
+    "speed": (0.9, 1.1),  # speed factor
+    "reverb": (0.2, 0.8),  # RT60 in seconds
+    "telephone": (0.0, 0.0),  # no parameter
+}
+PRESETS = {"train": "noise:5..20@0.5,speed:0.9..1.1@0.5,reverb:0.2..0.8@0.3,telephone@0.2"}
+
+
+class AugmentError(ValueError):
+    """A bad augmentation spec or argument; the message says what is accepted."""
+
+
+def _as_wave(wave) -> torch.Tensor:
+    wave = torch.as_tensor(wave)
+    if wave.ndim == 0 or wave.shape[-1] == 0:
+        raise AugmentError("cannot augment an empty waveform")
+    return wave.float()
+
+
+def _power(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean(dim=-1, keepdim=True)
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def add_noise(wave, snr_db: float, generator: torch.Generator | None = None, colour: str = "white",
+              noise=None) -> torch.Tensor:
+    """``wave`` plus noise scaled so that 10·log10(P_wave / P_noise) = ``snr_db`` exactly (powers
+    averaged over the whole waveform). ``colour`` is ``"white"`` or ``"pink"`` (1/f); ``noise`` gives
+    the noise signal instead (e.g. other utterances for babble), tiled or cut to length."""
+    wave = _as_wave(wave)
+    n = wave.shape[-1]
+    if noise is not None:
+        noise = _as_wave(noise)
+        noise = noise.repeat(*([1] * (noise.ndim - 1)), math.ceil(n / noise.shape[-1]))[..., :n]
+    elif colour == "white":
+        noise = torch.randn(wave.shape, generator=generator)
+    elif colour == "pink":
+        spectrum = torch.fft.rfft(torch.randn(wave.shape, generator=generator))
+        freqs = torch.arange(spectrum.shape[-1], dtype=torch.float32)
+        spectrum = spectrum / freqs.clamp(min=1).sqrt()
+        spectrum[..., 0] = 0
+        noise = torch.fft.irfft(spectrum, n=n)
+    else:
+        raise AugmentError(f"unknown noise colour {colour!r}; use 'white' or 'pink' (or pass noise=)")
+    noise_power = _power(noise)
+    if bool((noise_power == 0).any()):
+        raise AugmentError("the noise signal is silent")
+    scale = torch.sqrt(_power(wave) / (noise_power * 10 ** (snr_db / 10)))
+    return wave + scale * noise
+
+
+def speed(wave, factor: float) -> torch.Tensor:
+    """Play ``factor`` times faster (length / factor, pitch × factor), by resampling as in Kaldi's
+    speed perturbation. The factor is rounded to 0.01 to keep the resampling kernel small."""
+    if not 0.5 <= factor <= 2.0:
+        raise AugmentError(f"speed factor {factor} is outside 0.5-2.0")
+    wave = _as_wave(wave)
+    percent = int(round(factor * 100))
+    if percent == 100:
+        return wave.clone()
+    return AF.resample(wave, orig_freq=percent, new_freq=100)
+
+
+def telephone(wave, sample_rate: int = SAMPLE_RATE, codec: bool = True) -> torch.Tensor:
+    """A phone line: resample to 8 kHz, 8-bit mu-law codec (G.711), keep 300-3400 Hz, back to
+    ``sample_rate``. Same length as the input."""
+    wave = _as_wave(wave)
+    n = wave.shape[-1]
+    narrow = AF.resample(wave, sample_rate, 8000) if sample_rate != 8000 else wave
+    if codec:
+        peak = narrow.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
+        narrow = AF.mu_law_decoding(AF.mu_law_encoding(narrow / peak, 256), 256) * peak
+    spectrum = torch.fft.rfft(narrow)
+    freqs = torch.fft.rfftfreq(narrow.shape[-1], d=1 / 8000)
+    spectrum = spectrum * ((freqs >= TELEPHONE_BAND[0]) & (freqs <= TELEPHONE_BAND[1]))
+    narrow = torch.fft.irfft(spectrum, n=narrow.shape[-1])
+    out = AF.resample(narrow, 8000, sample_rate) if sample_rate != 8000 else narrow
+    if out.shape[-1] >= n:
+        return out[..., :n]
+    return torch.nn.functional.pad(out, (0, n - out.shape[-1]))
+
+
+def reverb(wave, rt60: float = 0.5, sample_rate: int = SAMPLE_RATE, generator: torch.Generator | None = None,
+           ) -> torch.Tensor:
+    """Convolve with a synthetic room response: a direct path then Gaussian noise decaying by 60 dB
+    in ``rt60`` seconds. Same length and RMS as the input."""
+    if not 0.01 <= rt60 <= 5.0:
+        raise AugmentError(f"RT60 {rt60} s is outside 0.01-5 s")
+    wave = _as_wave(wave)
+    length = max(int(min(1.2 * rt60, 2.0) * sample_rate), 2)
+    t = torch.arange(length, dtype=torch.float32) / sample_rate
+    response = torch.randn(length, generator=generator) * torch.exp(-math.log(1000.0) * t / rt60) * 0.3
+    response[0] = 1.0
+    out = AF.fftconvolve(wave, response.expand(*wave.shape[:-1], length))[..., : wave.shape[-1]]
+    return out * torch.sqrt(_power(wave) / _power(out).clamp(min=1e-12))
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    low: float
+    high: float
+    probability: float
+
+
+def _parse_item(item: str, default_probability: float) -> _Step:
+    text, _, prob_text = item.partition("@")
+    name, _, value = text.partition(":")
+    name = name.strip().lower()
+    if name not in DEFAULT_RANGES:
+        raise AugmentError(f"unknown augmentation {name!r} in {item!r}; choose from {', '.join(DEFAULT_RANGES)} "
+                           f"or a preset ({', '.join(PRESETS)})")
+    try:
+        probability = float(prob_text) if prob_text else default_probability
+        if not value:
+            low, high = DEFAULT_RANGES[name]
+        elif ".." in value:
+            low, high = (float(v) for v in value.split("..", 1))
+        else:
+            low = high = float(value)
+    except ValueError:
+        raise AugmentError(f"cannot read {item!r}: write name[:value | :low..high][@probability], "
+                           "e.g. noise:10 or speed:0.9..1.1@0.5") from None
+    if not 0.0 <= probability <= 1.0:
+        raise AugmentError(f"probability {probability} in {item!r} is outside 0-1")
+    if low > high:
+        raise AugmentError(f"range {value!r} in {item!r} goes downwards")
+    if name == "telephone" and value:
+        raise AugmentError("telephone takes no value")
+    return _Step(name, low, high, probability)
+
+
+class Augment:
+    """A chain of waveform augmentations from a spec string (see the module docstring).
+
+    ``probability`` is the chance of each item that gives none with ``@``. Call it on a 1-D
+    waveform (at ``sample_rate``) with an optional ``torch.Generator`` for reproducible draws.
+    """
+
+    def __init__(self, spec: str, probability: float = 1.0, sample_rate: int = SAMPLE_RATE) -> None:
+        spec = PRESETS.get(spec.strip(), spec)
+        items = [item for item in spec.replace(" ", "").split(",") if item]
+        if not items:
+            raise AugmentError("empty augmentation spec; e.g. 'noise:10' or 'noise,speed@0.5'")
+        self.spec = spec
+        self.sample_rate = sample_rate
+        self.steps = [_parse_item(item, probability) for item in items]
+
+    def __call__(self, wave, generator: torch.Generator | None = None) -> torch.Tensor:
+        out = _as_wave(wave)
+        for step in self.steps:
+            if step.probability < 1.0 and _uniform(generator) >= step.probability:
+                continue
+            value = step.low + (step.high - step.low) * _uniform(generator) if step.high > step.low else step.low
+            if step.name in ("noise", "pink"):
+                out = add_noise(out, value, generator, colour="white" if step.name == "noise" else "pink")
+            elif step.name == "speed":
+                out = speed(out, value)
+            elif step.name == "telephone":
+                out = telephone(out, self.sample_rate)
+            elif step.name == "reverb":
+                out = reverb(out, value, self.sample_rate, generator)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Augment({self.spec!r})"
+
+
+def from_spec(spec: str) -> Augment:
+    """The :class:`Augment` for ``spec`` (what ``train augment=...`` and ``evaluate --augment`` use)."""
+    return Augment(spec)
+
+
+def snr_db(clean, noisy) -> float:
+    """The SNR of ``noisy`` against ``clean`` (same length), in dB."""
+    clean, noisy = _as_wave(clean), _as_wave(noisy)
+    return float(10 * torch.log10(_power(clean).sum() / _power(noisy - clean).sum()))
+
+
+def band_energy(wave, sample_rate: int, low: float, high: float) -> float:
+    """Fraction of ``wave``'s energy between ``low`` and ``high`` Hz."""
+    power = torch.fft.rfft(_as_wave(wave)).abs().pow(2)
+    freqs = torch.fft.rfftfreq(wave.shape[-1], d=1 / sample_rate)
+    return float(power[..., (freqs >= low) & (freqs < high)].sum() / power.sum().clamp(min=1e-20))
+
+
+__all__ = ["Augment", "AugmentError", "PRESETS", "add_noise", "band_energy", "from_spec", "reverb", "snr_db",
+           "speed", "telephone"]

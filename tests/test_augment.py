@@ -1,0 +1,145 @@
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from s2i.datasets.augment import (
+    Augment, AugmentError, add_noise, band_energy, from_spec, reverb, snr_db, speed, telephone,
+)
+
+SR = 16000
+
+
+def _speechlike(seconds: float = 2.0, seed: int = 0) -> torch.Tensor:
+    """Harmonics with a syllable-rate envelope and pauses: enough structure for the checks."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * SR)) / SR
+    f0 = 120 + 20 * torch.sin(2 * math.pi * 0.7 * t)
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / SR
+    voiced = sum(torch.sin(k * phase) / k for k in range(1, 20))
+    envelope = torch.clamp(torch.sin(2 * math.pi * 3 * t), min=0)
+    return (0.2 * voiced * envelope + 0.005 * torch.randn(t.shape, generator=g)).float()
+
+
+def _peak_hz(wave: torch.Tensor) -> float:
+    spectrum = torch.fft.rfft(wave).abs()
+    return float(torch.fft.rfftfreq(len(wave), 1 / SR)[spectrum.argmax()])
+
+
+@pytest.mark.parametrize("snr", [-5.0, 0.0, 10.0, 25.0])
+@pytest.mark.parametrize("colour", ["white", "pink"])
+def test_add_noise_hits_the_requested_snr(snr, colour):
+    clean = _speechlike()
+    noisy = add_noise(clean, snr, torch.Generator().manual_seed(1), colour=colour)
+    assert noisy.shape == clean.shape
+    assert snr_db(clean, noisy) == pytest.approx(snr, abs=0.01)
+
+
+def test_babble_from_other_speech_and_reproducibility():
+    clean, other = _speechlike(2.0, seed=0), _speechlike(0.7, seed=1)
+    noisy = add_noise(clean, 3.0, noise=other)
+    assert noisy.shape == clean.shape and snr_db(clean, noisy) == pytest.approx(3.0, abs=0.01)
+    a = add_noise(clean, 5, torch.Generator().manual_seed(7))
+    b = add_noise(clean, 5, torch.Generator().manual_seed(7))
+    c = add_noise(clean, 5, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_pink_noise_is_louder_at_low_frequencies():
+    silence_ish = torch.full((SR * 2,), 0.1)
+    pink = add_noise(silence_ish, 0.0, torch.Generator().manual_seed(0), colour="pink") - silence_ish
+    white = add_noise(silence_ish, 0.0, torch.Generator().manual_seed(0)) - silence_ish
+    assert band_energy(pink, SR, 50, 500) > 5 * band_energy(pink, SR, 4000, 4450)
+    assert band_energy(white, SR, 50, 500) == pytest.approx(band_energy(white, SR, 4000, 4450), rel=0.2)
+
+
+def test_speed_changes_length_and_pitch():
+    tone = torch.sin(2 * math.pi * 440 * torch.arange(SR) / SR)
+    fast, slow = speed(tone, 1.1), speed(tone, 0.9)
+    assert len(fast) == pytest.approx(SR / 1.1, abs=2) and len(slow) == pytest.approx(SR / 0.9, abs=2)
+    assert _peak_hz(fast) == pytest.approx(484, abs=3) and _peak_hz(slow) == pytest.approx(396, abs=3)
+    assert torch.equal(speed(tone, 1.0), tone)
+    with pytest.raises(AugmentError):
+        speed(tone, 3.0)
+
+
+@pytest.mark.parametrize("codec", [False, True])
+def test_telephone_keeps_only_the_phone_band(codec):
+    noise = torch.randn(SR * 2, generator=torch.Generator().manual_seed(0)) * 0.1
+    out = telephone(noise, SR, codec=codec)
+    assert out.shape == noise.shape
+    assert band_energy(noise, SR, 0, 300) > 0.03 and band_energy(noise, SR, 3400, 8000) > 0.5
+    assert band_energy(out, SR, 0, 300) < 1e-3
+    assert band_energy(out, SR, 3400, 8000) < 5e-3
+    tone = 0.3 * torch.sin(2 * math.pi * 1000 * torch.arange(SR) / SR)
+    kept = telephone(tone, SR, codec=codec)
+    assert torch.nn.functional.cosine_similarity(kept[800:-800], tone[800:-800], dim=0) > 0.98
+
+
+def test_reverb_keeps_length_and_level_and_decays_at_rt60():
+    wave = _speechlike()
+    wet = reverb(wave, 0.5, SR, torch.Generator().manual_seed(0))
+    assert wet.shape == wave.shape
+    assert float(wet.pow(2).mean()) == pytest.approx(float(wave.pow(2).mean()), rel=1e-3)
+    assert not torch.allclose(wet, wave)
+    impulse = torch.zeros(SR)
+    impulse[0] = 1.0
+    tail = reverb(impulse, 0.3, SR, torch.Generator().manual_seed(0))
+    early, late = tail[1:800].pow(2).mean(), tail[int(0.28 * SR) : int(0.30 * SR)].pow(2).mean()
+    assert 10 * math.log10(early / late) > 40
+
+
+def test_augment_spec_fixed_condition_applies_every_time():
+    clean = _speechlike()
+    noisy = Augment("noise:10")(clean, torch.Generator().manual_seed(0))
+    assert snr_db(clean, noisy) == pytest.approx(10, abs=0.01)
+    phone = from_spec("telephone")(clean)
+    assert torch.allclose(phone, telephone(clean, SR))
+    assert from_spec("noise:10, telephone")(clean).shape == clean.shape
+    # numpy input (what a reader of a file may have)
+    assert Augment("noise:20")(clean.numpy()).shape == clean.shape
+
+
+def test_augment_probabilities_ranges_and_seeding():
+    clean = _speechlike(0.5)
+    aug = Augment("noise:5..20@0.5")
+    g = torch.Generator().manual_seed(0)
+    outs = [aug(clean, g) for _ in range(200)]
+    untouched = sum(torch.equal(o, clean) for o in outs)
+    assert 70 < untouched < 130
+    snrs = [snr_db(clean, o) for o in outs if not torch.equal(o, clean)]
+    assert min(snrs) >= 5 - 0.01 and max(snrs) <= 20 + 0.01 and max(snrs) - min(snrs) > 8
+    # same generator seed, same result
+    train = Augment("train")
+    a = train(clean, torch.Generator().manual_seed(3))
+    b = train(clean, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    lengths = {len(train(clean, torch.Generator().manual_seed(s))) for s in range(30)}
+    assert len(lengths) > 3  # speed perturbation changes the length
+    assert Augment("speed:0.9..1.1", probability=0.0)(clean) is not None
+
+
+def test_augment_is_picklable_for_dataloader_workers():
+    aug = pickle.loads(pickle.dumps(Augment("train")))
+    assert "noise" in repr(aug) and aug(_speechlike(0.3)).ndim == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty"),
+    ("bogus", "unknown augmentation"),
+    ("noise:abc", "cannot read"),
+    ("noise@2", "outside 0-1"),
+    ("noise:20..5", "downwards"),
+    ("telephone:3", "no value"),
+])
+def test_bad_specs_say_what_is_accepted(spec, message):
+    with pytest.raises(AugmentError, match=message):
+        Augment(spec)
+    assert issubclass(AugmentError, ValueError)
+
+
+def test_empty_wave_is_refused():
+    with pytest.raises(AugmentError, match="empty"):
+        add_noise(np.zeros(0, np.float32), 10)
