@@ -336,3 +336,27 @@ def test_prepare_errors_are_one_line(tmp_path, capsys):
     assert "no Places split files" in capsys.readouterr().err
     assert cli(["prepare"]) == 1
     assert "choose what to prepare" in capsys.readouterr().err
+
+
+def test_prepare_synthetic_then_builds_its_caches(tmp_path, monkeypatch):
+    synthetic = pytest.importorskip("s2i.datasets.synthetic")
+    from s2i.datasets.corpus import Manifest, write_corpus
+
+    def tiny_generator(args) -> int:  # stands in for the (slow) TTS corpus generator
+        out = Path(args.out)
+        records = []
+        for i in range(3):
+            _jpeg(out / "images" / f"s{i}.png", i)
+            _wav(out / "audio" / f"s{i}.wav", i)
+            records.append({"utt_id": f"s{i}", "image_id": f"s{i}", "image": f"s{i}.png", "audio": f"s{i}.wav",
+                            "text": WORDS[i], "speaker": "espeak"})
+        write_corpus(out, Manifest("synthetic", {"train": records}, "images", "audio"))
+        return 0
+
+    monkeypatch.setattr(synthetic, "run", tiny_generator)
+    out = tmp_path / "syn"
+    assert cli(["prepare", "synthetic", "--out", str(out), "--features", "mfcc", "--image-size", "24"]) == 0
+    info = read_corpus(out)
+    assert set(info.report["caches"]) == {"audio-mfcc/train", "pixels-24/train"}
+    ds = PairedDataset(out, "train", features="mfcc")
+    assert ds.audio_cache is not None and ds.image_size == 24 and ds[0]["image"].shape == (3, 24, 24)

@@ -325,10 +325,7 @@ class PairedDataset(Dataset):
             caption_image.append(first.setdefault(rec["image_id"], len(first)))
         self.image_ids: list[str] = list(first)
         self.caption_image = torch.tensor(caption_image, dtype=torch.long)
-        self._image_records = [None] * len(first)
-        for rec, i in zip(self.utterances, caption_image):
-            if self._image_records[i] is None:
-                self._image_records[i] = rec
+        self._image_records = cache.unique_image_records(self.utterances)
 
         self._extractor: torch.nn.Module | None = None
         self.audio_cache = None if augment is not None else cache.open_audio_cache(self.info, split, features,
