@@ -227,6 +227,28 @@ def test_abx_frame_shift_and_silence():
         abx(feats[:2], 0.01, [[("sil", 0.0, 0.1)], [("_", 0.0, 0.1)]], spk[:2])
 
 
+def test_abx_context_stops_at_pauses_and_silence():
+    from s2i.analysis.abx import _phone_items
+
+    aligns = [[("k", 0.0, 0.1), ("a", 0.1, 0.2), ("t", 0.2, 0.3)],  # k_t
+              [("k", 0.0, 0.1), ("a", 0.15, 0.25), ("t", 0.25, 0.3)],  # a pause before: #_t
+              [("k", 0.0, 0.1), ("sil", 0.1, 0.15), ("a", 0.15, 0.25), ("t", 0.25, 0.3)]]  # silence: #_t
+    items, phones = _phone_items(aligns, ["s"] * 3, np.array([30] * 3), np.full(3, 0.01), "within")
+    a = items.phone == phones.index("a")
+    ctx = items.context[a]
+    assert ctx[0] != ctx[1] and ctx[1] == ctx[2]
+    assert "sil" not in phones and items.phone.size == 9
+
+
+def test_abx_dtw_budget(caplog):
+    feats, _, aligns, spk = phone_corpus(noise=1.0)
+    full = abx(feats, 0.01, aligns, spk, context="any", max_dtw=None)
+    with caplog.at_level("WARNING"):
+        capped = abx(feats, 0.01, aligns, spk, context="any", max_dtw=2000)
+    assert "max_dtw" in caplog.text
+    assert capped.within is not None and abs(capped.across - full.across) < 0.15
+
+
 def test_abx_rejects_bad_input():
     feats, codes, aligns, spk = phone_corpus(utts=1)
     with pytest.raises(ABXError, match="one of each"):

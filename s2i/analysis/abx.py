@@ -15,7 +15,8 @@ representation that separates phones perfectly and 0.5 for one that carries no p
 * **averaging** (as libri-light's ABX): error per (context, speaker, phone A, phone B) group, averaged over
   contexts (and X speakers), then over speakers, then over phone pairs.
 * **sampling**: at most ``max_size_group`` tokens per (context, speaker, phone) and ``max_x_across`` X
-  speakers per A group, drawn with a fixed seed, which bounds the work on large sets.
+  speakers per A group, drawn with a fixed seed, which bounds the work on large sets; beyond
+  ``max_dtw`` distances, a random subset of the groups is scored.
 
 A phone token covers the frames whose centre lies inside it (at least the frame under its middle), with
 frame ``k`` centred at ``(k + 0.5) * frame_shift``. All DTWs of a run are computed together, batched by
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 
 SPEAKER_MODES = ("within", "across")
 CONTEXT_MODES = ("within", "any")
-_EDGE = "#"  # the context label of an utterance edge or a silence
+_EDGE = "#"  # the context label of an utterance edge, a silence or a pause
+_SAME = 4e-6  # cosines this close to 1 (angles under 0.16 degrees) are float32 noise: read as equal frames
+PAUSE = 0.02  # seconds: a gap this long between two aligned phones is a pause
 
 
 class ABXError(ValueError):
@@ -89,11 +92,13 @@ def _phone_items(phones: Sequence[Alignment], speakers: Sequence[str], n_frames:
             except (TypeError, ValueError, IndexError):
                 raise ABXError(f"utterance {u}: a phone alignment must be (phone, start_s, end_s), "
                                f"got {item!r}") from None
+        # a neighbour counts as context only if it is a phone and follows without a pause
+        heard = [label.lower() not in SILENCE for label in labels]
         for i, (label, (s, e)) in enumerate(zip(labels, times)):
-            if label.lower() in SILENCE or e <= s:
+            if not heard[i] or e <= s:
                 continue
-            prev = labels[i - 1] if i > 0 and labels[i - 1].lower() not in SILENCE else _EDGE
-            nxt = labels[i + 1] if i + 1 < len(labels) and labels[i + 1].lower() not in SILENCE else _EDGE
+            prev = labels[i - 1] if i > 0 and heard[i - 1] and s - times[i - 1][1] < PAUSE else _EDGE
+            nxt = labels[i + 1] if i + 1 < len(labels) and heard[i + 1] and times[i + 1][0] - e < PAUSE else _EDGE
             ctx = f"{prev}_{nxt}" if context == "within" else ""
             rows.append((u, s, e, phone_ids.setdefault(label, len(phone_ids)),
                          context_ids.setdefault(ctx, len(context_ids)), speaker_ids.setdefault(str(spk), len(speaker_ids))))
@@ -150,7 +155,9 @@ class _Segments:
                 if self.data.size and self.data.max() >= len(codebook):
                     raise ABXError(f"a code ({int(self.data.max())}) is outside the codebook ({len(codebook)} codes)")
                 unit = codebook / np.maximum(np.linalg.norm(codebook, axis=1, keepdims=True), 1e-12)
-                self.table = (np.arccos(np.clip(unit @ unit.T, -1, 1)) / np.pi).astype(np.float32)
+                cos = unit @ unit.T
+                cos[cos > 1 - _SAME] = 1
+                self.table = (np.arccos(np.maximum(cos, -1)) / np.pi).astype(np.float32)
         else:
             x = np.concatenate([np.asarray(f, dtype=np.float32) for f in features])[frames]
             self.data = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -168,7 +175,9 @@ class _Segments:
             if self.table is None:
                 return np.where(xa[:, :, None] == xb[:, None, :], np.float32(0), np.float32(0.5))
             return self.table[xa[:, :, None], xb[:, None, :]]
-        return np.arccos(np.clip(np.matmul(xa, xb.transpose(0, 2, 1)), -1, 1)) / np.float32(np.pi)
+        cos = np.matmul(xa, xb.transpose(0, 2, 1))
+        cos[cos > 1 - _SAME] = 1  # rounding noise of identical frames, which arccos would blow up
+        return np.arccos(np.maximum(cos, -1)) / np.float32(np.pi)
 
     def dtw(self, a: np.ndarray, b: np.ndarray, budget: int = 4_000_000) -> np.ndarray:
         """Path-normalised DTW distance of each pair (a[p], b[p]), in chunks of similar lengths
@@ -195,25 +204,29 @@ class _Segments:
 def _dtw(d: np.ndarray, la: np.ndarray, lb: np.ndarray) -> np.ndarray:
     """DTW of (P, La, Lb) distance matrices ending at (la - 1, lb - 1), cost / path length.
 
-    Steps are (1, 1), (0, 1), (1, 0); among equal-cost predecessors the diagonal wins, then (0, 1).
-    Cells on one anti-diagonal do not depend on each other, so each is one vectorised step.
+    Steps are (1, 1), (1, 0), (0, 1); among equal-cost predecessors the diagonal wins, then (0, 1)
+    (libri-light's choice). Cells on one anti-diagonal do not depend on each other, so the grid is
+    stored skewed, ``[diagonal, row, pair]``: each anti-diagonal is one contiguous, vectorised step.
     """
     p, n_a, n_b = d.shape
-    cost = np.full((p, n_a + 1, n_b + 1), np.inf)
-    steps = np.zeros((p, n_a + 1, n_b + 1), dtype=np.int32)
-    cost[:, 0, 0] = 0.0
-    for k in range(n_a + n_b - 1):
-        i = np.arange(max(0, k - n_b + 1), min(k, n_a - 1) + 1)
-        j = k - i
-        diag, up, left = cost[:, i, j], cost[:, i, j + 1], cost[:, i + 1, j]
-        take_diag = (diag <= left) & (diag <= up)
-        take_left = ~take_diag & (left <= up)
-        best = np.where(take_diag, diag, np.where(take_left, left, up))
-        n = np.where(take_diag, steps[:, i, j], np.where(take_left, steps[:, i + 1, j], steps[:, i, j + 1]))
-        cost[:, i + 1, j + 1] = best + d[:, i, j]
-        steps[:, i + 1, j + 1] = n + 1
-    rows = np.arange(p)
-    return cost[rows, la, lb] / steps[rows, la, lb]
+    n_diag = n_a + n_b + 1  # diagonals of the grid padded with a border row and column
+    rows = np.arange(n_a + 1)[None, :]
+    diagonal = np.arange(n_diag)[:, None]
+    k, i = np.nonzero((rows >= 1) & (diagonal - rows >= 1) & (diagonal - rows <= n_b))
+    skewed = np.zeros((n_diag, n_a + 1, p), dtype=np.float32)
+    skewed[k, i] = d[:, i - 1, k - i - 1].T
+    cost = np.full((n_diag, n_a + 1, p), np.inf, dtype=np.float32)
+    steps = np.zeros((n_diag, n_a + 1, p), dtype=np.int32)
+    cost[0, 0] = 0.0
+    for k in range(2, n_diag):
+        lo, hi = max(1, k - n_b), min(k - 1, n_a)  # rows of diagonal k inside the grid
+        diag, up, left = cost[k - 2, lo - 1:hi], cost[k - 1, lo - 1:hi], cost[k - 1, lo:hi + 1]
+        best = np.minimum(np.minimum(diag, left), up)
+        steps[k, lo:hi + 1] = 1 + np.where(diag == best, steps[k - 2, lo - 1:hi],
+                                           np.where(left == best, steps[k - 1, lo:hi + 1], steps[k - 1, lo - 1:hi]))
+        np.add(best, skewed[k, lo:hi + 1], out=cost[k, lo:hi + 1])
+    pair = np.arange(p)
+    return cost[la + lb, la, pair] / steps[la + lb, la, pair]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +269,7 @@ def _zerospeech_mean(records: list[tuple[int, int, int, float]]) -> tuple[float 
 def abx(features: Sequence[np.ndarray], frame_shift: float | Sequence[float], phones: Sequence[Alignment],
         speakers: Sequence[str], *, context: str = "within", speaker_modes: Iterable[str] = SPEAKER_MODES,
         codebook: np.ndarray | None = None, max_size_group: int = 10, max_x_across: int = 5,
-        seed: int = 0, progress: bool = False) -> ABXResult:
+        seed: int = 0, max_dtw: int | None = 2_000_000, progress: bool = False) -> ABXResult:
     """ABX phone discrimination error of one representation over utterances.
 
     Args:
@@ -268,6 +281,8 @@ def abx(features: Sequence[np.ndarray], frame_shift: float | Sequence[float], ph
         speaker_modes: which of ``"within"`` / ``"across"`` to compute.
         codebook: ``(K, D)`` code vectors; codes are then compared by angle instead of one-hot.
         max_size_group, max_x_across, seed: the sampling caps (libri-light's defaults: 10, 5).
+        max_dtw: at most this many DTWs (a random subset of the groups beyond it; None = no limit). The
+            triphone condition rarely reaches it; ``context="any"`` on many speakers does.
     """
     speaker_modes = tuple(speaker_modes)
     if context not in CONTEXT_MODES:
@@ -326,6 +341,23 @@ def abx(features: Sequence[np.ndarray], frame_shift: float | Sequence[float], ph
                     others = sorted(rng.choice(others, size=max_x_across, replace=False).tolist())
                 blocks += [("across", by_group[(c, o, int(p))], m) for o in others]
     sizes = [len(x) * len(m) for _, x, m in blocks]
+    total = sum(sizes)
+    if max_dtw and total > max_dtw:
+        # a random subset of each mode's (X group, cell) blocks, in proportion to what the mode needs
+        chosen = []
+        for mode in speaker_modes:
+            mine = np.array([b for b, block in enumerate(blocks) if block[0] == mode], dtype=np.int64)
+            if mine.size:
+                mine = mine[rng.permutation(mine.size)]
+                need = np.asarray(sizes)[mine]
+                fits = np.cumsum(need) <= max_dtw * need.sum() / total
+                fits[0] = True
+                chosen += mine[fits].tolist()
+        chosen = sorted(chosen)
+        log.warning("ABX: %d DTWs needed, more than max_dtw=%d: scoring a random %.0f%% of the groups",
+                    total, max_dtw, 100 * len(chosen) / len(blocks))
+        blocks = [blocks[i] for i in chosen]
+        sizes = [sizes[i] for i in chosen]
     if sizes:
         rows = np.concatenate([np.repeat(x, len(m)) for _, x, m in blocks])
         cols = np.concatenate([np.tile(m, len(x)) for _, x, m in blocks])

@@ -29,7 +29,7 @@ def entropy_bits(symbols: np.ndarray) -> float:
         return 0.0
     _, counts = np.unique(symbols, return_counts=True)
     p = counts / counts.sum()
-    return float(-(p * np.log2(p)).sum())
+    return float(0.0 - (p * np.log2(p)).sum())  # 0.0 - : no "-0.0" for a single symbol
 
 
 @dataclass

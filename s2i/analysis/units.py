@@ -33,6 +33,7 @@ from s2i.analysis.words import CodeWordTable, word_detection
 log = logging.getLogger(__name__)
 
 MFCC_SHIFT = 0.01  # seconds per MFCC frame
+SAMPLE_RATE = 16000
 
 
 class AnalysisError(ValueError):
@@ -63,6 +64,19 @@ def _choose(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=limit, replace=False))
 
 
+def _num_samples(record: dict, audio_path) -> int:
+    """An utterance's length in samples at 16 kHz, from its record or its file's header."""
+    if isinstance(record.get("num_samples"), int):
+        return record["num_samples"]
+    import soundfile
+
+    try:
+        info = soundfile.info(str(audio_path(record)))
+    except (RuntimeError, OSError):
+        return 0  # reading the file later will say what is wrong with it
+    return int(info.frames * SAMPLE_RATE / info.samplerate)
+
+
 def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str], abx_index: np.ndarray,
             batch_size: int = 16, progress: bool = False) -> Collected:
     """Run ``model`` over the utterance ``records`` once: codes of ``layers`` for all, last-layer frames and
@@ -84,17 +98,17 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
                     codebooks={name: speech.vq[name].codebook.detach().float().cpu().numpy() for name in layers})
     final: dict[int, np.ndarray] = {}
     mfccs: dict[int, np.ndarray] = {}
-    waves = [None] * len(records)
-    for i in tqdm(range(len(records)), desc="reading audio", disable=not progress):
-        waves[i] = load_audio(audio_path(records[i]), max_seconds=None)
-        out.durations[i] = waves[i].shape[0] / 16000
-    if layers:
-        first = model.units(waves[0])
-        out.frame_shift.update({name: float(first[name].frame_shift_s) for name in layers})
-    order = np.argsort(out.durations, kind="stable")  # similar lengths batch together
+    # similar lengths batch together; audio is read batch by batch, never all at once
+    order = np.argsort([_num_samples(r, audio_path) for r in records], kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.no_grad():
         for batch in tqdm(batches, desc="encoding", disable=not progress):
+            waves = {i: load_audio(audio_path(records[i]), max_seconds=None) for i in batch}
+            for i, w in waves.items():
+                out.durations[i] = w.shape[0] / SAMPLE_RATE
+            if layers and len(out.frame_shift) == 2:
+                first = model.units(waves[batch[0]])
+                out.frame_shift.update({name: float(first[name].frame_shift_s) for name in layers})
             feats, lengths = model.speech_features([waves[i] for i in batch])
             result = model.encode_speech_features(feats, lengths)
             for b, i in enumerate(batch):
@@ -127,7 +141,7 @@ def _finite(value: Any) -> Any:
 
 
 def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", abx_max_group: int = 10,
-            abx_max_x: int = 5, seed: int = 0, progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
+            abx_max_x: int = 5, abx_max_dtw: int = 2_000_000, seed: int = 0, progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
     """Word detection, bitrate and ABX of collected units -> (report dict, full code-word table per layer)."""
     report: dict[str, Any] = {"n_utterances": len(data.utt_ids), "duration_s": float(data.durations.sum()),
                               "n_abx_utterances": int(len(data.abx_index)), "layers": {}, "abx": {},
@@ -162,7 +176,8 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
         for label, feats, shift, codebook in tqdm(reps, desc="ABX", disable=not progress):
             try:
                 res = abx(feats, shift, phones, speakers, context=abx_context, codebook=codebook,
-                          max_size_group=abx_max_group, max_x_across=abx_max_x, seed=seed)
+                          max_size_group=abx_max_group, max_x_across=abx_max_x, max_dtw=abx_max_dtw or None,
+                          seed=seed)
                 report["abx"][label] = res.summary()
             except ABXError as exc:
                 report["notes"].append(f"ABX of {label}: {exc}")
@@ -296,8 +311,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abx-context", choices=("within", "any", "off"), default="within",
                         help="ABX condition: same neighbouring phones (ZeroSpeech's triphones), any, or no ABX")
     parser.add_argument("--abx-max-group", type=int, default=10, help="ABX: tokens per (context, speaker, phone)")
+    parser.add_argument("--abx-max-dtw", type=int, default=2_000_000,
+                        help="ABX: at most this many DTWs per representation (0 = no limit)")
     parser.add_argument("--top-n", type=int, default=250, help="mean F1 over the N best-detected words")
-    parser.add_argument("--out", default=None, help="report folder (default: analysis/units-<checkpoint>-<split>)")
+    parser.add_argument("--out", default=None, help="report folder (default: runs/analysis/units-<checkpoint>-<split>)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
@@ -306,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(checkpoint: str, *, data: str | None = None, split: str = "test", layers: Sequence[str] | None = None,
         max_utts: int = 0, abx_utts: int = 500, abx_context: str = "within", abx_max_group: int = 10,
-        top_n: int = 250, batch_size: int = 16, device: str = "cpu", seed: int = 0,
+        abx_max_dtw: int = 2_000_000, top_n: int = 250, batch_size: int = 16, device: str = "cpu", seed: int = 0,
         progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
     """Load a checkpoint and a corpus split and analyse the units: (report, code-word tables)."""
     from s2i.datasets.corpus import read_corpus, read_split
@@ -335,8 +352,8 @@ def run(checkpoint: str, *, data: str | None = None, split: str = "test", layers
     abx_index = _choose(len(records), abx_utts, rng) if abx_context != "off" else np.zeros(0, dtype=np.int64)
     data_ = collect(model, records, info.audio_path, layers=layers, abx_index=abx_index, batch_size=batch_size,
                     progress=progress)
-    report, tables = analyze(data_, top_n=top_n, abx_context=abx_context, abx_max_group=abx_max_group, seed=seed,
-                             progress=progress)
+    report, tables = analyze(data_, top_n=top_n, abx_context=abx_context, abx_max_group=abx_max_group,
+                             abx_max_dtw=abx_max_dtw, seed=seed, progress=progress)
     report = {"checkpoint": str(folder), "model": model.config.name, "corpus": str(info.root), "split": split,
               **report}
     return report, tables
@@ -345,9 +362,9 @@ def run(checkpoint: str, *, data: str | None = None, split: str = "test", layers
 def main(args: argparse.Namespace) -> int:
     report, tables = run(args.checkpoint, data=args.data, split=args.split, layers=args.layer,
                          max_utts=args.max_utts, abx_utts=args.abx_utts, abx_context=args.abx_context,
-                         abx_max_group=args.abx_max_group, top_n=args.top_n, batch_size=args.batch_size,
+                         abx_max_group=args.abx_max_group, abx_max_dtw=args.abx_max_dtw, top_n=args.top_n, batch_size=args.batch_size,
                          device=args.device, seed=args.seed, progress=not args.json)
-    out = Path(args.out) if args.out else Path("analysis") / f"units-{Path(report['checkpoint']).name}-{args.split}"
+    out = Path(args.out) if args.out else Path("runs") / "analysis" / f"units-{Path(report['checkpoint']).name}-{args.split}"
     write_report(report, tables, out)
     report["report_dir"] = str(out)
     if args.json:
