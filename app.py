@@ -948,6 +948,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         layout_btn.click(embeddings, [color_by, query_state], [layout_plot, layout_md], api_name="embeddings")
         mm_btn.click(matchmap, [mm_audio, query_state, mm_image, mm_time], [mm_overall, mm_at, mm_curve, mm_md, mm_time],
                      api_name="matchmap", **heavy)
+        mm_time.release(matchmap, [mm_audio, query_state, mm_image, mm_time], [mm_overall, mm_at, mm_curve, mm_md, mm_time],
+                        api_visibility="private", trigger_mode="always_last", **heavy)
         t_start.click(train_start, [t_preset, t_data, t_epochs, t_device], [t_status, timer], api_name="train_start")
         t_stop.click(train_stop, None, [t_status], api_name="train_stop")
         timer.tick(train_poll, None, [t_loss, t_recall, t_log, t_status, timer], api_name="train_progress")

@@ -186,8 +186,8 @@ def write_clip(waveform: torch.Tensor, path: Path) -> None:
 # the whole export
 # ---------------------------------------------------------------------------------------------
 def export(model, corpus_dir: str | Path, out_dir: str | Path, split: str = "test", *, max_images: int = 0,
-           max_clips: int = 1000, thumb_size: int = 96, layout: str = "umap", image_input: str = "pixels",
-           checkpoint: str = "", seed: int = 0) -> dict[str, Any]:
+           max_clips: int = 500, thumb_size: int = 96, layout: str = "umap", image_input: str = "pixels",
+           checkpoint: str = "", seed: int = 0, half: bool = True) -> dict[str, Any]:
     """Embed ``split`` of ``corpus_dir`` with ``model`` and write the gallery into ``out_dir``.
 
     ``max_images`` > 0 keeps only the first images of the split (and their captions). Returns a report
@@ -276,7 +276,7 @@ def export(model, corpus_dir: str | Path, out_dir: str | Path, split: str = "tes
               "thumbnails": {"file": THUMBS_FILE, "cell": thumb_size}, "layout": layout_meta,
               "code_frame_shift_s": shifts, "embed_dim": int(image_emb.shape[1])},
     )
-    gallery.save(out_dir)
+    gallery.save(out_dir, half=half)
     files = [out_dir / n for n in ("gallery.safetensors", "gallery.json", THUMBS_FILE)]
     clip_bytes = sum(p.stat().st_size for p in (out_dir / AUDIO_DIR).glob("*.ogg"))
     report = {"images": len(images), "captions": len(records), "clips": len(clips),
@@ -306,8 +306,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="split to export as the app's gallery (default: test)")
     parser.add_argument("--out", default=None, help="where to write the gallery (default: the checkpoint folder)")
     parser.add_argument("--max-images", type=int, default=0, help="keep only the split's first N images (0 = all)")
-    parser.add_argument("--max-clips", type=int, default=1000,
-                        help="captions stored as Ogg/Opus clips, one per image first (default: 1000)")
+    parser.add_argument("--max-clips", type=int, default=500,
+                        help="captions stored as Ogg/Opus clips (~10 kB each), one per image first (default: 500)")
+    parser.add_argument("--float32", action="store_true", help="store embeddings as float32 (default: float16)")
     parser.add_argument("--thumb-size", type=int, default=96, help="thumbnail size in pixels (default: 96)")
     parser.add_argument("--layout", choices=LAYOUT_METHODS, default="umap", help="2-D layout method (default: umap)")
     parser.add_argument("--image-input", default="pixels",
@@ -327,7 +328,7 @@ def main(args: argparse.Namespace) -> int:
         raise ExportError("--max-images and --max-clips must be >= 0 and --thumb-size >= 8")
     report = export(model, args.data, out, args.split, max_images=args.max_images, max_clips=args.max_clips,
                     thumb_size=args.thumb_size, layout=args.layout, image_input=args.image_input,
-                    checkpoint=str(args.checkpoint), seed=args.seed)
+                    checkpoint=str(args.checkpoint), seed=args.seed, half=not args.float32)
     total = folder_bytes(out)
     log.info("gallery: %d images, %d captions (%d clips), layout %s, %.1f s", report["images"],
              report["captions"], report["clips"], report["layout"]["method"], report["seconds"])

@@ -3,7 +3,7 @@
 ``python -m s2i export`` (``s2i/export.py``) computes it once; the app only reads it, so a user's click
 never pays for embedding a corpus or fitting UMAP. Files, all inside one folder (the checkpoint's):
 
-    gallery.safetensors   image_embeddings (N_img, D), speech_embeddings (N_cap, D),
+    gallery.safetensors   image_embeddings (N_img, D), speech_embeddings (N_cap, D) (float16 by default),
                           text_embeddings (N_cap, D) when the model reads text, caption_image (N_cap,),
                           layout.image / layout.speech / layout.text (n, 2): the 2-D UMAP layout,
                           codes.<vq layer> (sum of T_l,) + codes.<vq layer>.offsets (N_cap + 1,)
@@ -205,19 +205,24 @@ class Gallery:
         return x, y
 
     # ------------------------------------------------------------------ writing
-    def save(self, root: str | Path | None = None) -> Path:
-        """Write ``gallery.safetensors`` + ``gallery.json`` (thumbnails and clips are written by export)."""
+    def save(self, root: str | Path | None = None, half: bool = True) -> Path:
+        """Write ``gallery.safetensors`` + ``gallery.json`` (thumbnails and clips are written by export).
+
+        ``half`` stores the embeddings as float16 (half the bytes; scores move by about 1e-3, rankings
+        of distinct scores stay). They are read back as float32.
+        """
         from safetensors.torch import save_file
 
         root = Path(root or self.root)
         root.mkdir(parents=True, exist_ok=True)
+        dtype = torch.float16 if half else torch.float32
         tensors = {
-            "image_embeddings": self.image_embeddings.float().contiguous(),
-            "speech_embeddings": self.speech_embeddings.float().contiguous(),
+            "image_embeddings": self.image_embeddings.to(dtype).contiguous(),
+            "speech_embeddings": self.speech_embeddings.to(dtype).contiguous(),
             "caption_image": self.caption_image.long().contiguous(),
         }
         if self.text_embeddings is not None:
-            tensors["text_embeddings"] = self.text_embeddings.float().contiguous()
+            tensors["text_embeddings"] = self.text_embeddings.to(dtype).contiguous()
         for m, xy in self.layout.items():
             tensors[f"layout.{m}"] = xy.float().contiguous()
         for name, (codes, offsets) in self.codes.items():
