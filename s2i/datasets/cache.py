@@ -483,28 +483,6 @@ def parse_image_feature_name(name: str) -> tuple[str, str]:
     return m.group(1), "center" if m.group(2) == "-center" else "ten"
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a local file: safetensors, or a torch file read with ``weights_only=True``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CorpusError(f"image weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message
-        raise CorpusError(f"cannot read image weights {path} ({type(e).__name__}: {e}); expected a state dict saved "
-                          "with torch.save(model.state_dict()) or safetensors") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CorpusError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def image_backbone(arch: str, weights: str | os.PathLike | None = None, random_init: bool = False) -> tuple[torch.nn.Module, int]:
     """A torchvision classifier without its last layer → (module giving pooled vectors, their size).
 
@@ -520,8 +498,15 @@ def image_backbone(arch: str, weights: str | os.PathLike | None = None, random_i
     if not isinstance(getattr(model, "fc", None), torch.nn.Linear):
         raise CorpusError(f"{arch!r} has no final 'fc' layer; use a ResNet-family backbone")
     if weights is not None:
-        state = load_state_dict_file(weights)
-        result = model.load_state_dict(state, strict=False)
+        from s2i.encoders.image import read_state_dict  # the image encoder reads its backbone weights the same way
+
+        state = read_state_dict(weights)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CorpusError(f"{weights} does not hold a state dict of tensors")
+        try:
+            result = model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise CorpusError(f"{weights} does not fit torchvision's {arch}: {str(e).splitlines()[0]} ...") from None
         missing = [k for k in result.missing_keys if not k.startswith("fc.")]
         if missing or result.unexpected_keys:
             raise CorpusError(f"{weights} does not fit torchvision's {arch}: {len(missing)} missing keys "
