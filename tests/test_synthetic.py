@@ -55,6 +55,20 @@ def test_alignments_are_monotone_inside_the_audio_and_spell_the_caption(corpus):
             assert spoken == rec["text"].replace(",", "").split()
 
 
+def test_same_seed_same_bytes_in_another_process_and_order(corpus, tmp_path):
+    """Remake a few images of the (worker-made) corpus here, in another order: same records, same bytes."""
+    tasks = syn._plan(syn.SIZES_PRESETS["small"], seed=0)
+    picked = [t for t in tasks if t.split == "test"][3:0:-1] + [t for t in tasks if t.split == "train"][:2]
+    remade = syn._make_chunk(str(tmp_path), picked)
+    made = {r["utt_id"]: r for recs in _records(corpus).values() for r in recs}
+    assert len(remade) == 5 * len(picked)
+    for rec in remade:
+        assert rec == made[rec["utt_id"]]
+        for root, key in (("audio", "audio"), ("images", "image")):
+            assert (tmp_path / root / rec[key]).read_bytes() == (corpus / root / rec[key]).read_bytes()
+
+
+@pytest.mark.slow
 def test_same_seed_same_bytes_whatever_the_workers(corpus, tmp_path):
     again = syn.generate(tmp_path / "again", size="small", seed=0, workers=0)
     a, b = _tree_bytes(corpus), _tree_bytes(again)
@@ -168,3 +182,11 @@ def test_cli_reuses_a_complete_corpus(corpus, capsys):
     err = capsys.readouterr().err
     assert "--force" in err and "Traceback" not in err
     assert json.loads((corpus / "complete").read_text())["seed"] == 0
+
+
+def test_refuses_a_folder_that_is_not_a_synthetic_corpus(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "mine.png").write_bytes(b"not ours")
+    with pytest.raises(syn.SyntheticCorpusError, match="not empty"):
+        syn.generate(tmp_path, size="small")
+    assert (tmp_path / "images" / "mine.png").exists()

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from s2i.datasets.corpus import CorpusError, Manifest, write_corpus
+from s2i.datasets.corpus import CorpusError, Manifest, read_corpus, read_split, update_report, write_corpus
 from s2i.datasets.speech_synthesis import synthesize
 
 log = logging.getLogger(__name__)
@@ -574,6 +574,9 @@ def _disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+_IN_PROGRESS = ".generating"  # marks a folder this generator is (or was, if interrupted) writing
+
+
 def _marker(size: str, seed: int) -> dict[str, Any]:
     return {"name": NAME, "size": size, "seed": seed, "images": SIZES_PRESETS[size],
             "generator_version": GENERATOR_VERSION}
@@ -610,11 +613,14 @@ def generate(out_dir: str | Path, size: str = "default", seed: int = 0, workers:
                                    "folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise SyntheticCorpusError(f"{out} is a file; give a folder for the corpus")
+    if out.is_dir() and any(out.iterdir()) and state is None and not (out / _IN_PROGRESS).exists():
+        raise SyntheticCorpusError(f"{out} is not empty and holds no synthetic corpus; give a new or empty folder")
     for stale in ("complete", "corpus.json", "problems.json", *(f"{s}.jsonl" for s in SPLITS)):
         (out / stale).unlink(missing_ok=True)
-    for stale in ("images", "audio"):
+    for stale in ("images", "audio", "cache"):  # cache: features of the corpus being replaced
         shutil.rmtree(out / stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    (out / _IN_PROGRESS).write_text("")
 
     start = time.perf_counter()
     counts = SIZES_PRESETS[size]
@@ -630,10 +636,9 @@ def generate(out_dir: str | Path, size: str = "default", seed: int = 0, workers:
     report = _report(records, size, seed, workers, time.perf_counter() - start)
     write_corpus(out, Manifest(name=NAME, splits=records, image_root="images", audio_root="audio", report=report))
     report["disk_bytes"] = _disk_bytes(out)
-    from s2i.datasets.corpus import update_report
-
     update_report(out, disk_bytes=report["disk_bytes"])
     (out / "complete").write_text(json.dumps(_marker(size, seed)))
+    (out / _IN_PROGRESS).unlink()
     log.info("synthetic %s corpus in %s: %.0f s, %.1f MB, oracle R@1 test %.4f", size, out,
              report["generation_seconds"], report["disk_bytes"] / 1e6, report["oracle_r1"]["test"])
     return out
@@ -667,8 +672,6 @@ def contact_sheet(corpus_dir: str | Path, out_png: str | Path, n: int = 12, spli
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from s2i.datasets.corpus import read_corpus, read_split
 
     info = read_corpus(corpus_dir)
     first: dict[str, dict] = {}
