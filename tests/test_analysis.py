@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -285,8 +284,8 @@ def test_abx_matches_libri_light_abx2(tmp_path):
             ours = abx(ours_input, 0.01, aligns, spk, context=context, max_size_group=1000)
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ref = EvalABX().eval_abx(EvalArgs(path_data=str(tmp_path / name), path_item_file=str(tmp_path / "x.item"),
-                                                  context_mode=context, max_size_group=1000))
+                ref = EvalABX().eval_abx(EvalArgs(path_data=str(tmp_path / name), context_mode=context,
+                                                  path_item_file=str(tmp_path / "x.item"), max_size_group=1000))
             ref = {r["abx-s-condition"]: r["score"] for r in ref}
             assert ours.within == pytest.approx(ref["within"], abs=1e-6)
             assert ours.across == pytest.approx(ref["across"], abs=1e-6)

@@ -101,7 +101,8 @@ def _phone_items(phones: Sequence[Alignment], speakers: Sequence[str], n_frames:
             nxt = labels[i + 1] if i + 1 < len(labels) and heard[i + 1] and times[i + 1][0] - e < PAUSE else _EDGE
             ctx = f"{prev}_{nxt}" if context == "within" else ""
             rows.append((u, s, e, phone_ids.setdefault(label, len(phone_ids)),
-                         context_ids.setdefault(ctx, len(context_ids)), speaker_ids.setdefault(str(spk), len(speaker_ids))))
+                         context_ids.setdefault(ctx, len(context_ids)),
+                         speaker_ids.setdefault(str(spk), len(speaker_ids))))
     if not rows:
         raise ABXError("no phone tokens: the alignments are empty or silence only (is the corpus prepared "
                        "with phone alignments?)")
@@ -145,7 +146,8 @@ class _Segments:
         self.length = items.stop - items.start
         self.offset = np.r_[0, np.cumsum(self.length)]
         utt_offset = np.r_[0, np.cumsum([len(f) for f in features])]
-        frames = np.repeat(utt_offset[items.utt] + items.start - self.offset[:-1], self.length) + np.arange(self.offset[-1])
+        first = utt_offset[items.utt] + items.start  # each token's first frame among all frames
+        frames = np.repeat(first - self.offset[:-1], self.length) + np.arange(self.offset[-1])
         if self.codes:
             all_codes = np.concatenate([np.asarray(f, dtype=np.int64) for f in features])
             self.data = all_codes[frames]
@@ -266,6 +268,80 @@ def _zerospeech_mean(records: list[tuple[int, int, int, float]]) -> tuple[float 
     return float(per_pair.mean()), int(len(pairs))
 
 
+def _plan(items: _Items, speaker_modes: tuple[str, ...], max_x_across: int,
+          rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The blocks of distances to compute, as (mode, X tokens, cell tokens).
+
+    A *cell* is the tokens of one (context, speaker): A and B come from one cell. Within speakers, X
+    ranges over the cell too; across speakers, X is a group (context, other speaker, phone A), for at
+    most ``max_x_across`` other speakers per (cell, phone A).
+    """
+    _, cell = np.unique(np.stack([items.context, items.speaker]), axis=1, return_inverse=True)
+    cell = cell.reshape(-1)
+    members = np.split(np.argsort(cell, kind="stable"), np.cumsum(np.bincount(cell))[:-1])
+    members = [m for m in members if np.unique(items.phone[m]).size > 1]  # B needs another phone
+    blocks: list[tuple[str, np.ndarray, np.ndarray]] = []
+    if "within" in speaker_modes:
+        blocks += [("within", m, m) for m in members]
+    if "across" in speaker_modes:
+        order = np.lexsort((items.phone, items.speaker, items.context))
+        keys = np.stack([items.context, items.speaker, items.phone], axis=1)[order]
+        bounds = np.r_[0, np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1, order.size]
+        group = {tuple(keys[s].tolist()): order[s:e] for s, e in zip(bounds[:-1], bounds[1:])}
+        speakers_of: dict[tuple[int, int], list[int]] = {}
+        for c, s, p in group:
+            speakers_of.setdefault((c, p), []).append(s)
+        for m in members:
+            c, s = int(items.context[m[0]]), int(items.speaker[m[0]])
+            for p in np.unique(items.phone[m]).tolist():
+                others = [o for o in speakers_of[(c, p)] if o != s]
+                if len(others) > max_x_across:
+                    others = sorted(rng.choice(others, size=max_x_across, replace=False).tolist())
+                blocks += [("across", group[(c, o, p)], m) for o in others]
+    return blocks
+
+
+def _cap(blocks: list, sizes: list[int], max_dtw: int, rng: np.random.Generator) -> list:
+    """A random subset of each speaker mode's blocks, in proportion to what the mode needs, that fits
+    ``max_dtw`` distances."""
+    total = sum(sizes)
+    chosen: list[int] = []
+    for mode in SPEAKER_MODES:
+        mine = np.array([b for b, block in enumerate(blocks) if block[0] == mode], dtype=np.int64)
+        if mine.size:
+            mine = mine[rng.permutation(mine.size)]
+            need = np.asarray(sizes)[mine]
+            fits = np.cumsum(need) <= max_dtw * need.sum() / total
+            fits[0] = True
+            chosen += mine[fits].tolist()
+    log.warning("ABX: %d DTWs needed, more than max_dtw=%d: scoring a random %.0f%% of the groups",
+                total, max_dtw, 100 * len(chosen) / len(blocks))
+    return [blocks[i] for i in sorted(chosen)]
+
+
+def _score_block(block: tuple[str, np.ndarray, np.ndarray], dist: np.ndarray, items: _Items,
+                 n_phones: int) -> list[tuple[int, int, int, float]]:
+    """(speaker, phone A, phone B, error) of one block's triplets, one record per (A, B)."""
+    mode, x_tok, cell_tok = block
+    d = dist.reshape(len(x_tok), len(cell_tok))
+    phone = items.phone[cell_tok]
+    if mode == "within":  # one DTW per unordered pair of same-phone tokens, as libri-light
+        i, j = np.triu_indices(len(cell_tok), 1)
+        same = phone[i] == phone[j]
+        d[j[same], i[same]] = d[i[same], j[same]]
+    speaker = int(items.speaker[cell_tok[0]])
+    records = []
+    for a in (np.unique(phone).tolist() if mode == "within" else [int(items.phone[x_tok[0]])]):
+        is_a = phone == a
+        if mode == "within" and is_a.sum() < 2:
+            continue
+        d_x = d[is_a] if mode == "within" else d  # within: X ranges over the A tokens themselves
+        errors, triplets = _errors_per_b(d_x[:, is_a], d_x[:, ~is_a], phone[~is_a], n_phones,
+                                         exclude_diagonal=mode == "within")
+        records += [(speaker, a, int(b), errors[b] / triplets[b]) for b in np.flatnonzero(triplets)]
+    return records
+
+
 def abx(features: Sequence[np.ndarray], frame_shift: float | Sequence[float], phones: Sequence[Alignment],
         speakers: Sequence[str], *, context: str = "within", speaker_modes: Iterable[str] = SPEAKER_MODES,
         codebook: np.ndarray | None = None, max_size_group: int = 10, max_x_across: int = 5,
@@ -311,82 +387,21 @@ def abx(features: Sequence[np.ndarray], frame_shift: float | Sequence[float], ph
     keep = _sample(items, max_size_group, rng)
     items = _Items(*(getattr(items, f)[keep] for f in ("utt", "start", "stop", "phone", "context", "speaker")))
     segments = _Segments(features, items, codebook)
-    n_phones = len(phone_names)
 
-    # cells: tokens sharing (context, speaker); A and B come from one cell
-    _, cell = np.unique(np.stack([items.context, items.speaker]), axis=1, return_inverse=True)
-    cell = cell.reshape(-1)
-    members = np.split(np.argsort(cell, kind="stable"), np.cumsum(np.bincount(cell))[:-1])
-    members = [m for m in members if np.unique(items.phone[m]).size > 1]
-
-    # every DTW needed, gathered first and computed in one batch
-    blocks: list[tuple[str, np.ndarray, np.ndarray]] = []  # (mode, X tokens, cell tokens)
-    if "within" in speaker_modes:
-        blocks += [("within", m, m) for m in members]
-    if "across" in speaker_modes:
-        by_group: dict[tuple[int, int, int], np.ndarray] = {}
-        order = np.lexsort((items.phone, items.speaker, items.context))
-        keys = np.stack([items.context, items.speaker, items.phone], axis=1)[order]
-        bounds = np.r_[0, np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1, order.size]
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            by_group[tuple(keys[s])] = order[s:e]
-        speakers_of: dict[tuple[int, int], list[int]] = {}
-        for c, s, p in by_group:
-            speakers_of.setdefault((c, p), []).append(s)
-        for m in members:
-            c, s = int(items.context[m[0]]), int(items.speaker[m[0]])
-            for p in np.unique(items.phone[m]):
-                others = [o for o in speakers_of[(c, int(p))] if o != s]
-                if len(others) > max_x_across:
-                    others = sorted(rng.choice(others, size=max_x_across, replace=False).tolist())
-                blocks += [("across", by_group[(c, o, int(p))], m) for o in others]
+    blocks = _plan(items, speaker_modes, max_x_across, rng)
     sizes = [len(x) * len(m) for _, x, m in blocks]
-    total = sum(sizes)
-    if max_dtw and total > max_dtw:
-        # a random subset of each mode's (X group, cell) blocks, in proportion to what the mode needs
-        chosen = []
-        for mode in speaker_modes:
-            mine = np.array([b for b, block in enumerate(blocks) if block[0] == mode], dtype=np.int64)
-            if mine.size:
-                mine = mine[rng.permutation(mine.size)]
-                need = np.asarray(sizes)[mine]
-                fits = np.cumsum(need) <= max_dtw * need.sum() / total
-                fits[0] = True
-                chosen += mine[fits].tolist()
-        chosen = sorted(chosen)
-        log.warning("ABX: %d DTWs needed, more than max_dtw=%d: scoring a random %.0f%% of the groups",
-                    total, max_dtw, 100 * len(chosen) / len(blocks))
-        blocks = [blocks[i] for i in chosen]
-        sizes = [sizes[i] for i in chosen]
-    if sizes:
-        rows = np.concatenate([np.repeat(x, len(m)) for _, x, m in blocks])
-        cols = np.concatenate([np.tile(m, len(x)) for _, x, m in blocks])
-    else:
-        rows = cols = np.zeros(0, dtype=np.int64)
+    if max_dtw and sum(sizes) > max_dtw:
+        blocks = _cap(blocks, sizes, max_dtw, rng)
+        sizes = [len(x) * len(m) for _, x, m in blocks]
+    # every DTW needed, computed in one batch, then cut back into blocks
+    rows = np.concatenate([np.repeat(x, len(m)) for _, x, m in blocks]) if blocks else np.zeros(0, dtype=np.int64)
+    cols = np.concatenate([np.tile(m, len(x)) for _, x, m in blocks]) if blocks else np.zeros(0, dtype=np.int64)
     log.info("ABX: %d tokens, %d DTWs", len(keep), rows.size)
-    dist = segments.dtw(rows, cols)
-    dist_blocks = np.split(dist, np.cumsum(sizes)[:-1]) if sizes else []
+    dist = np.split(segments.dtw(rows, cols), np.cumsum(sizes)[:-1]) if blocks else []
 
     records: dict[str, list[tuple[int, int, int, float]]] = {"within": [], "across": []}
-    for (mode, x_tok, cell_tok), d in tqdm(zip(blocks, dist_blocks), total=len(blocks), disable=not progress,
-                                           desc=f"ABX ({context} context)"):
-        d = d.reshape(len(x_tok), len(cell_tok))
-        phone = items.phone[cell_tok]
-        if mode == "within":  # one DTW per unordered pair of same-phone tokens, as libri-light
-            i, j = np.triu_indices(len(cell_tok), 1)
-            same = phone[i] == phone[j]
-            d[j[same], i[same]] = d[i[same], j[same]]
-        s = int(items.speaker[cell_tok[0]])
-        a_phones = np.unique(phone) if mode == "within" else [int(items.phone[x_tok[0]])]
-        for a in a_phones:
-            is_a = phone == a
-            if mode == "within" and is_a.sum() < 2:
-                continue
-            d_x = d[is_a] if mode == "within" else d  # within: X ranges over the A tokens themselves
-            errors, triplets = _errors_per_b(d_x[:, is_a], d_x[:, ~is_a], phone[~is_a], n_phones,
-                                             exclude_diagonal=mode == "within")
-            records[mode] += [(s, int(a), int(b), errors[b] / triplets[b]) for b in np.flatnonzero(triplets)]
-
+    for block, d in tqdm(zip(blocks, dist), total=len(blocks), disable=not progress, desc=f"ABX ({context} context)"):
+        records[block[0]] += _score_block(block, d, items, len(phone_names))
     result = {mode: _zerospeech_mean(records[mode]) for mode in SPEAKER_MODES}
     if all(v[0] is None for v in result.values()):
         log.warning("ABX: no triplets could be formed (need two phones in one %s with repeated tokens)",

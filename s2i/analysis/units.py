@@ -141,7 +141,8 @@ def _finite(value: Any) -> Any:
 
 
 def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", abx_max_group: int = 10,
-            abx_max_x: int = 5, abx_max_dtw: int = 2_000_000, seed: int = 0, progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
+            abx_max_x: int = 5, abx_max_dtw: int = 2_000_000, seed: int = 0,
+            progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
     """Word detection, bitrate and ABX of collected units -> (report dict, full code-word table per layer)."""
     report: dict[str, Any] = {"n_utterances": len(data.utt_ids), "duration_s": float(data.durations.sum()),
                               "n_abx_utterances": int(len(data.abx_index)), "layers": {}, "abx": {},
@@ -154,7 +155,8 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
     if abx_context != "off" and not has_phones:
         report["notes"].append("the corpus has no phone alignments: ABX skipped")
     for name, codes in data.codes.items():
-        layer: dict[str, Any] = {"frame_shift_s": data.frame_shift[name], "codebook_size": int(len(data.codebooks[name])),
+        layer: dict[str, Any] = {"frame_shift_s": data.frame_shift[name],
+                                 "codebook_size": int(len(data.codebooks[name])),
                                  "codes_used": int(np.unique(np.concatenate(codes)).size)}
         layer["bitrate"] = bitrate(codes, data.durations).summary()
         if has_words:
@@ -362,9 +364,10 @@ def run(checkpoint: str, *, data: str | None = None, split: str = "test", layers
 def main(args: argparse.Namespace) -> int:
     report, tables = run(args.checkpoint, data=args.data, split=args.split, layers=args.layer,
                          max_utts=args.max_utts, abx_utts=args.abx_utts, abx_context=args.abx_context,
-                         abx_max_group=args.abx_max_group, abx_max_dtw=args.abx_max_dtw, top_n=args.top_n, batch_size=args.batch_size,
-                         device=args.device, seed=args.seed, progress=not args.json)
-    out = Path(args.out) if args.out else Path("runs") / "analysis" / f"units-{Path(report['checkpoint']).name}-{args.split}"
+                         abx_max_group=args.abx_max_group, abx_max_dtw=args.abx_max_dtw, top_n=args.top_n,
+                         batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.json)
+    name = Path(report["checkpoint"]).name
+    out = Path(args.out) if args.out else Path("runs") / "analysis" / f"units-{name}-{args.split}"
     write_report(report, tables, out)
     report["report_dir"] = str(out)
     if args.json:
