@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from s2i.datasets.augment import from_spec
 from s2i.datasets.corpus import PairedDataset, collate
 from s2i.metrics import retrieval_metrics
 
@@ -165,12 +166,14 @@ def default_data(path: str | Path) -> str:
 def evaluate(checkpoint_or_model: str | Path | torch.nn.Module, corpus: str | Path | None = None,
              split: str = "test", batch_size: int = 100, augment: str | None = None,
              ensemble: Sequence[str | Path | torch.nn.Module] = (), device: str = "cpu", max_images: int = 0,
-             image_input: str | None = None, workers: int = 0, progress: bool = False) -> dict[str, dict[str, float]]:
+             image_input: str | None = None, workers: int = 0, progress: bool = False,
+             seed: int = 0) -> dict[str, dict[str, float]]:
     """R@1/5/10, median and mean rank of a model (or a snapshot ensemble) on a split.
 
     Returns ``{"speech_to_image": {...}, "image_to_speech": {...}}`` plus ``text_to_image`` /
     ``image_to_text`` when every model has a text encoder. ``augment`` (e.g. ``"noise:10"``,
-    ``"telephone"``) degrades the spoken captions before they are embedded.
+    ``"telephone"``) degrades the spoken captions before they are embedded (random draws seeded
+    by ``seed``; with ``workers > 0`` each worker draws its own).
     """
     from s2i.model import load
 
@@ -181,7 +184,7 @@ def evaluate(checkpoint_or_model: str | Path | torch.nn.Module, corpus: str | Pa
         corpus = default_data(folder) if folder is not None else DEFAULT_DATA
     if image_input is None:
         image_input = (checkpoint_extra(folder).get("train_config") or {}).get("image_input", "pixels") if folder else "pixels"
-    augment_fn = _augmentation(augment) if augment else None
+    augment_fn = from_spec(augment) if augment else None
 
     datasets: dict[str, PairedDataset] = {}
     total: list[Tensor | None] | None = None
@@ -192,21 +195,16 @@ def evaluate(checkpoint_or_model: str | Path | torch.nn.Module, corpus: str | Pa
         if features not in datasets:
             datasets[features] = PairedDataset(corpus, split, features=features, image_input=image_input,
                                                augment=augment_fn)
-        speech, images, caption_image, text = embed_split(model, datasets[features], batch_size, max_images=max_images,
-                                                          workers=workers, amp=device.startswith("cuda"),
-                                                          progress=progress)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same noise for every model and every run
+            speech, images, caption_image, text = embed_split(model, datasets[features], batch_size,
+                                                              max_images=max_images, workers=workers,
+                                                              amp=device.startswith("cuda"), progress=progress)
         parts = [speech, images, text]
         # the seed's ensemble: a sum of normalised embeddings, not re-normalised
         total = parts if total is None else [None if a is None or b is None else a + b for a, b in zip(total, parts)]
     assert total is not None and caption_image is not None
     return scores(total[0], total[1], caption_image, total[2])
-
-
-def _augmentation(spec: str):
-    """A waveform augmentation from ``noise:10`` (white noise at 10 dB SNR), ``telephone``, ..."""
-    from s2i.datasets import augment
-
-    return augment.from_spec(spec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from s2i import checkpoint
 from s2i.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, from_dict, preset, to_dict
+from s2i.datasets.augment import from_spec
 from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSampler, collate
 from s2i.evaluate import mean_r10, model_folder, retrieval_scores
 from s2i.losses import build_loss
@@ -293,7 +294,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     # -- data ----------------------------------------------------------------------------------
     features = model_cfg.speech.features
     train_set = PairedDataset(cfg.data, "train", features=features, image_input=cfg.image_input,
-                              augment=cfg.augment or None, max_frames=cfg.max_frames)
+                              augment=from_spec(cfg.augment) if cfg.augment else None, max_frames=cfg.max_frames)
     val_set = PairedDataset(cfg.data, "val", features=features, image_input=cfg.image_input,
                             max_frames=cfg.max_frames) if cfg.eval_every > 0 else None
     steps_per_epoch = len(global_batches(train_set, cfg, 0, world))

@@ -1,0 +1,121 @@
+"""Evaluation and embedding of a trained checkpoint: JSON keys, the table, ensembles, text retrieval,
+augmented queries, and the embed CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import s2i
+from s2i.cli import main as cli
+from s2i.datasets.corpus import PairedDataset
+from s2i.evaluate import embed_split, evaluate, format_table
+from s2i.train import train
+from tests.test_train import make_tone_corpus, tiny_model, tiny_train
+
+KEYS = {"R@1", "R@5", "R@10", "median_rank", "mean_rank"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(corpus, run folder) of a tiny speech + text model trained for a few epochs."""
+    from s2i.datasets.cache import build_caches
+
+    corpus = make_tone_corpus(tmp_path_factory.mktemp("tones"))
+    build_caches(corpus, features=("mfcc",), image_features=("pixels",), image_size=16, progress=False)
+    run = tmp_path_factory.mktemp("run")
+    train(tiny_train(corpus, run, epochs=4, text_loss_weight=1.0), tiny_model(text=True))
+    return corpus, run
+
+
+def test_evaluate_json_has_every_direction_and_key(trained, capsys):
+    corpus, run = trained
+    # a run folder stands for its best/ model, and the corpus comes from the checkpoint
+    assert cli(["evaluate", str(run), "--split", "test", "--json"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0
+    result = json.loads(out)
+    assert set(result) == {"speech_to_image", "image_to_speech", "text_to_image", "image_to_text"}
+    for scores in result.values():
+        assert set(scores) == KEYS
+        assert 0 <= scores["R@1"] <= scores["R@5"] <= scores["R@10"] <= 1
+    # 25 test images: chance R@10 = 0.4; the spoken and the typed captions both retrieve their images
+    assert result["speech_to_image"]["R@10"] > 0.8 and result["text_to_image"]["R@10"] > 0.8, result
+
+
+def test_evaluate_matches_the_validation_scores_of_training(trained):
+    corpus, run = trained
+    logged = json.loads((run / "best" / "config.json").read_text())["extra"]["val"]
+    result = evaluate(run / "best", split="val")
+    for direction, scores in result.items():
+        assert scores == pytest.approx(logged[direction]), direction
+
+
+def test_table_and_explicit_data(trained, capsys):
+    corpus, run = trained
+    assert cli(["evaluate", str(run / "last"), "--data", str(corpus), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "speech -> image" in out and "image -> text" in out and "R@10" in out
+    table = format_table(evaluate(run / "last", corpus, split="val"))
+    assert table.splitlines()[0].split() == ["direction", "R@1", "R@5", "R@10", "median", "mean"]
+
+
+def test_ensemble_sums_normalised_embeddings(trained):
+    corpus, run = trained
+    single = evaluate(run / "best", split="test")
+    assert evaluate(run / "best", split="test", ensemble=[run / "best"]) == single  # 2x the same = same ranks
+    model_a, model_b = s2i.load(run / "best"), s2i.load(run / "last")
+    ds = PairedDataset(corpus, "test", features="mfcc")
+    a, b = embed_split(model_a, ds), embed_split(model_b, ds)
+    from s2i.evaluate import scores
+
+    expected = scores(a[0] + b[0], a[1] + b[1], a[2], a[3] + b[3])
+    assert evaluate(model_a, corpus, split="test", ensemble=[model_b]) == expected
+
+
+def test_embed_split_limits_images_and_keeps_order(trained):
+    corpus, run = trained
+    model = s2i.load(run / "best")
+    ds = PairedDataset(corpus, "test", features="mfcc")
+    speech, images, caption_image, text = embed_split(model, ds, batch_size=7)
+    assert speech.shape == (len(ds), 32) and images.shape == (ds.num_images, 32) and text.shape == speech.shape
+    i = 5  # row i is utterance i, whatever batch it was embedded in
+    item = ds[i]
+    alone = model.encode_speech_features(item["audio"][None], torch.tensor([item["audio"].shape[0]])).embedding
+    torch.testing.assert_close(speech[i], alone[0], atol=1e-5, rtol=1e-4)
+    s, im, ci, _ = embed_split(model, ds, max_images=10)
+    assert im.shape[0] == 10 and int(ci.max()) == 9 and len(s) == int((ds.caption_image < 10).sum())
+
+
+def test_augmented_queries_score_lower_and_reproducibly(trained):
+    corpus, run = trained
+    clean = evaluate(run / "best", split="test")["speech_to_image"]
+    noisy = evaluate(run / "best", split="test", augment="noise:-10")["speech_to_image"]
+    again = evaluate(run / "best", split="test", augment="noise:-10")["speech_to_image"]
+    assert noisy == again
+    assert noisy["mean_rank"] > clean["mean_rank"]
+
+
+def test_embed_cli_writes_vectors_with_their_inputs(trained, tmp_path):
+    corpus, run = trained
+    wavs = sorted((corpus / "audio").glob("test-0-0*.wav"))[:3]
+    pngs = sorted((corpus / "images").glob("test-0-*.png"))[:4]
+    model = s2i.load(run / "best")
+    out = tmp_path / "speech.safetensors"
+    assert cli(["embed", str(run), "--audio", *map(str, wavs), "--out", str(out)]) == 0
+    vectors = load_file(str(out))["embeddings"]
+    assert vectors.shape == (3, 32)
+    torch.testing.assert_close(vectors, model.encode_speech([s2i.audio.load_audio(w) for w in wavs]), atol=1e-5, rtol=1e-4)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["kind"] == "audio" and json.loads(meta["inputs"]) == list(map(str, wavs))
+    assert cli(["embed", str(run), "--images", *map(str, pngs), "--out", str(tmp_path / "img.safetensors")]) == 0
+    assert load_file(str(tmp_path / "img.safetensors"))["embeddings"].shape == (4, 32)
+    assert cli(["embed", str(run), "--text", "red and blue", "--out", str(tmp_path / "t.safetensors")]) == 0
+    torch.testing.assert_close(load_file(str(tmp_path / "t.safetensors"))["embeddings"],
+                               model.encode_text(["red and blue"]))
+    assert cli(["embed", str(run), "--audio", str(tmp_path / "missing.wav"), "--out", str(out)]) == 1
