@@ -62,7 +62,8 @@ def test_code_that_tracks_a_word_exactly_has_f1_one():
     for row in wd.best.rows():
         assert row["code"] == code_of[row["word"]]
         assert row["precision"] == pytest.approx(1.0) and row["recall"] == pytest.approx(1.0)
-        assert row["count"] == row["code_segments"]  # every segment of the code hits its word
+        assert row["code_hits"] == row["code_segments"]  # every segment of the code hits its word
+        assert row["count"] == row["word_count"]  # and the code occurs in every occurrence of it
     # no other code ever occurs inside a word (recall 0), so the table holds just these pairs
     assert len(wd.table) == 6
     # the "red" code also flickers in the middle of every "blue": a second, weaker pair, listed after
@@ -76,6 +77,10 @@ def test_code_that_tracks_a_word_exactly_has_f1_one():
     assert len(table) == 7 and np.all(np.diff(table.f1) <= 0)
     red_blue = table.for_code(code_of["red"]).for_word("blue")
     assert red_blue.recall[0] == 1.0 and 0 < red_blue.precision[0] < 1
+    # pairs seen in fewer word occurrences than min_count are dropped
+    n_blue = int(red_blue.word_count[0])
+    assert len(code_word_table(flicker, words, H, min_count=n_blue + 1).for_word("blue")) == 0
+    assert len(code_word_table(flicker, words, H, min_count=n_blue).for_code(code_of["red"])) == 2
 
 
 def test_stop_words_are_excluded():
@@ -341,7 +346,7 @@ def test_report_writing(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text())["layers"]["vq2"]["best_words"][0]["f1"] == 1.0
     header = (out / "words_vq2.tsv").read_text().splitlines()[0].split("\t")
-    assert header == ["code", "word", "precision", "recall", "f1", "count", "code_segments", "word_count"]
+    assert header == ["code", "word", "precision", "recall", "f1", "count", "code_hits", "code_segments", "word_count"]
 
 
 def _tiny_corpus(root: Path) -> Path:

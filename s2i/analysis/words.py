@@ -9,9 +9,11 @@ For every pair (code ``c``, word ``w``), over a set of utterances with word alig
   ``c`` has its centre inside the word (words shorter than a frame take the frame under their middle);
 * ``F1 = 2PR / (P + R)``.
 
-Stop words (a small built-in English list, :data:`STOP_WORDS`) and silence markers are left out, so
-they are never a code's word. A word is *detected* when its best code reaches F1 ≥ 0.5; the paper
-reports how many words are detected and the mean F1 of the 250 best-detected words.
+Stop words (ResDAVEnet-VQ's short list, :data:`STOP_WORDS`) and silence markers are left out, so they
+are never a code's word, nor counted among the words. A word is *detected* when its best code reaches
+F1 ≥ 0.5; the paper reports how many words are detected and the mean F1 of the 250 best-detected
+words. (ResDAVEnet-VQ keeps stop words in the word count with F1 = 0 and places the window around the
+middle frame of a run rather than the run's middle; both differ from this only at the margins.)
 
 Everything is vectorised over frames, segments and word occurrences (sorted search + sparse counts);
 nothing loops over (code, word) pairs in Python. Frame ``k`` of a layer with frame shift ``h`` spans
@@ -31,22 +33,13 @@ log = logging.getLogger(__name__)
 #: A word alignment: ``(word, start_s, end_s)``.
 Alignment = Sequence[tuple[str, float, float]]
 
-#: Function words left out of word detection (ResDAVEnet-VQ excludes stop words too).
-STOP_WORDS: frozenset[str] = frozenset("""
-a an the and or but nor so yet if then than as of at by for from in into onto on off out over under
-up down to with without about above below between through during before after near across along
-around against behind beside besides beyond inside outside upon within toward towards via per
-i me my mine myself we us our ours ourselves you your yours yourself yourselves he him his himself
-she her hers herself it its itself they them their theirs themselves this that these those who whom
-whose which what where when why how all any both each few more most other some such no not only own
-same too very just also there here is am are was were be been being have has had having do does did
-doing will would shall should can could may might must ought s t d ll m re ve o y isn aren wasn weren
-it's that's there's i'm you're we're they're don't doesn't didn't can't won't isn't aren't
-""".split())
+#: Function words left out of word detection: ResDAVEnet-VQ's list (``steps/unit_analysis.py``).
+STOP_WORDS: frozenset[str] = frozenset({"a", "an", "the", "and", "of", "to", "on", "in", "at", "are", "is", "it",
+                                        "he", "she", "you", "there", "this"})
 
 #: Alignment labels that mark silence or noise rather than a word (or a phone).
 SILENCE: frozenset[str] = frozenset({"", "sil", "sp", "spn", "<sil>", "<s>", "</s>", "<unk>", "<noise>",
-                                     "_", "pau", "h#", "#", "silence"})
+                                     "<spoken_noise>", "_", "pau", "h#", "#", "silence"})
 
 _STRIP = re.compile(r"^[^\w']+|[^\w']+$")
 
@@ -207,11 +200,12 @@ class CodeWordTable:
     precision: np.ndarray  # (n,)
     recall: np.ndarray  # (n,)
     f1: np.ndarray  # (n,)
-    count: np.ndarray  # (n,) segments of the code whose window overlaps the word (precision's numerator)
+    count: np.ndarray  # (n,) occurrences of the word in which the code occurs (recall's numerator; "occ")
+    code_hits: np.ndarray  # (n,) segments of the code whose window overlaps the word (precision's numerator)
     code_segments: np.ndarray  # (n,) segments of the code (precision's denominator)
     word_count: np.ndarray  # (n,) occurrences of the word (recall's denominator)
 
-    COLUMNS = ("code", "word", "precision", "recall", "f1", "count", "code_segments", "word_count")
+    COLUMNS = ("code", "word", "precision", "recall", "f1", "count", "code_hits", "code_segments", "word_count")
 
     def __len__(self) -> int:
         return int(self.code.size)
@@ -249,7 +243,7 @@ class CodeWordTable:
 
 
 def code_word_table(codes: Sequence, words: Sequence[Alignment], frame_shift: float | Sequence[float], *,
-                    window: float = 0.04, stop_words: Iterable[str] = STOP_WORDS) -> CodeWordTable:
+                    window: float = 0.04, stop_words: Iterable[str] = STOP_WORDS, min_count: int = 1) -> CodeWordTable:
     """The (code, word) precision / recall / F1 table over utterances.
 
     Args:
@@ -258,23 +252,25 @@ def code_word_table(codes: Sequence, words: Sequence[Alignment], frame_shift: fl
         frame_shift: seconds per frame of this layer (one number, or one per utterance).
         window: half-width of the window around each code segment's centre (ResDAVEnet-VQ: 40 ms).
         stop_words: words never counted (default :data:`STOP_WORDS`; pass ``()`` to keep all).
+        min_count: keep only pairs whose code occurs in at least this many of the word's occurrences
+            (ResDAVEnet-VQ's ``min_occ``).
     """
     if len(codes) != len(words):
         raise WordDetectionError(f"{len(codes)} code sequences but {len(words)} word alignments; "
                                  "give one alignment per utterance")
     frames = _Frames.build(codes, frame_shift)
     occ = _Words.build(words, stop_words)
-    table, _ = _table(frames, occ, window)
+    table, _ = _table(frames, occ, window, min_count)
     return table
 
 
-def _table(frames: _Frames, occ: _Words, window: float) -> tuple[CodeWordTable, np.ndarray]:
+def _table(frames: _Frames, occ: _Words, window: float, min_count: int) -> tuple[CodeWordTable, np.ndarray]:
     """The table, and the number of occurrences of every vocabulary word."""
     n_vocab = len(occ.vocab)
     if n_vocab == 0 or frames.codes.size == 0:
         empty = np.zeros(0)
         return CodeWordTable(empty.astype(np.int64), empty.astype(object), empty, empty, empty,
-                             *(empty.astype(np.int64),) * 3), np.bincount(occ.word, minlength=n_vocab)
+                             *(empty.astype(np.int64),) * 4), np.bincount(occ.word, minlength=n_vocab)
     word_count = np.bincount(occ.word, minlength=n_vocab)
     seg_code, seg_utt, seg_start, seg_end = frames.segments()
     n_codes = int(frames.codes.max()) + 1 if frames.codes.size else 0
@@ -301,6 +297,8 @@ def _table(frames: _Frames, occ: _Words, window: float) -> tuple[CodeWordTable, 
                                return_counts=True)
 
     key, ip, ir = np.intersect1d(p_key, r_key, assume_unique=True, return_indices=True)
+    if min_count > 1:  # pairs whose code occurs in too few of the word's occurrences are noise
+        ip, ir, key = ip[r_count[ir] >= min_count], ir[r_count[ir] >= min_count], key[r_count[ir] >= min_count]
     code, word = key // max(n_vocab, 1), key % max(n_vocab, 1)
     precision = p_count[ip] / segs_per_code[code]
     recall = r_count[ir] / word_count[word]
@@ -308,7 +306,7 @@ def _table(frames: _Frames, occ: _Words, window: float) -> tuple[CodeWordTable, 
     order = np.lexsort((word, code, -f1))
     vocab = np.array(occ.vocab, dtype=object)
     table = CodeWordTable(code[order], vocab[word[order]] if key.size else np.zeros(0, dtype=object),
-                          precision[order], recall[order], f1[order], p_count[ip][order],
+                          precision[order], recall[order], f1[order], r_count[ir][order], p_count[ip][order],
                           segs_per_code[code][order], word_count[word][order])
     return table, word_count
 
@@ -340,7 +338,7 @@ class WordDetection:
 
 def word_detection(codes: Sequence, words: Sequence[Alignment], frame_shift: float | Sequence[float], *,
                    top_n: int = 250, threshold: float = 0.5, window: float = 0.04,
-                   stop_words: Iterable[str] = STOP_WORDS) -> WordDetection:
+                   stop_words: Iterable[str] = STOP_WORDS, min_count: int = 1) -> WordDetection:
     """How well one layer's codes detect words (ResDAVEnet-VQ's ``unit_analysis``); see the module doc."""
     if len(codes) != len(words):
         raise WordDetectionError(f"{len(codes)} code sequences but {len(words)} word alignments; "
@@ -350,7 +348,7 @@ def word_detection(codes: Sequence, words: Sequence[Alignment], frame_shift: flo
     if not occ.vocab:
         raise WordDetectionError("no content words in the alignments (all were stop words or silence, or "
                                  "the corpus has no word alignments)")
-    table, word_count = _table(frames, occ, window)
+    table, word_count = _table(frames, occ, window, min_count)
     best = table.best_per_word()
     best_f1 = np.sort(np.r_[best.f1, np.zeros(int((word_count > 0).sum()) - len(best))])[::-1]
     n_words = best_f1.size
