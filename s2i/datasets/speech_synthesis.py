@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ _STRESS_MARKS = "ˈˌ"
 _PUNCTUATION = ".,;:!?\"'()"
 
 # espeak_EVENT_TYPE (speak_lib.h)
-_EVENT_LIST_TERMINATED, _EVENT_WORD, _EVENT_END, _EVENT_MSG_TERMINATED, _EVENT_PHONEME = 0, 1, 5, 6, 7
+_EVENT_LIST_TERMINATED, _EVENT_WORD, _EVENT_END, _EVENT_PHONEME = 0, 1, 5, 7
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_PHONEME_EVENTS_IPA = 0x0001 | 0x0002
 _CHARS_UTF8 = 1
@@ -200,7 +201,7 @@ def _voice_name(voice: str, variant: str | None) -> str:
         raise SynthesisError(f"unknown accent {voice!r}; choose one of {', '.join(ACCENTS)}")
     if variant is None:
         return voice
-    if variant not in list_voices()["variants"]:
+    if variant not in _variants():
         raise SynthesisError(f"unknown voice variant {variant!r}; see list_voices()['variants']")
     return f"{voice}+{variant}"
 
@@ -266,13 +267,12 @@ def synthesize(
 
 def list_voices() -> dict[str, list[str]]:
     """The English accents and the voice variants available (any accent combines with any variant)."""
-    global _variants
-    if _variants is None:
-        import espeakng_loader
-
-        folder = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
-        _variants = sorted(p.name for p in folder.iterdir() if p.is_file() and " " not in p.name)
-    return {"accents": list(ACCENTS), "variants": list(_variants)}
+    return {"accents": list(ACCENTS), "variants": list(_variants())}
 
 
-_variants: list[str] | None = None
+@lru_cache(maxsize=1)
+def _variants() -> tuple[str, ...]:
+    import espeakng_loader
+
+    folder = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
+    return tuple(sorted(p.name for p in folder.iterdir() if p.is_file() and " " not in p.name))
