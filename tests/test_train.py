@@ -234,10 +234,9 @@ def test_sigterm_finishes_the_step_and_checkpoints(corpus, tmp_path):
     logged = [r for r in _lines(metrics) if "loss" in r]
     assert state["step"] == logged[-1]["step"] and 3 <= state["step"] < 200 * 8
     assert "SIGTERM received" in output and "--resume" in output
-    # --resume continues from that step
-    proc = subprocess.run([sys.executable, "-m", "s2i", "train", str(config), "--resume", "max_steps=" +
-                           str(state["step"] + 2)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr  # a max_steps stop is not a failure
+    # resuming continues from that step (in this process: a second interpreter start costs seconds)
+    result = run(*build_configs(str(config), [f"max_steps={state['step'] + 2}"]), resume=True)
+    assert not result.finished and result.stopped_by == "max_steps"
     assert checkpoint.load(out / "last")["step"] == state["step"] + 2
     assert _lines(metrics)[-1] == {"event": "stopped", "epoch": state["epoch"], "step": state["step"] + 2,
                                    "reason": "max_steps"}
@@ -270,6 +269,20 @@ def _yaml_config(corpus: Path, out: Path, **train_keys) -> dict:
                                                          "attention_hidden": 16},
                                               "image": {"image_size": 16, "channels": list(m.image.channels)}},
             **keys}
+
+
+def test_cli_takes_flags_before_or_after_the_overrides():
+    import argparse
+
+    from s2i.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for argv in (["rnn_small", "lr=1e-3", "--resume"], ["--resume", "rnn_small", "lr=1e-3"]):
+        args = parser.parse_args(argv)
+        assert args.config == "rnn_small"
+        assert args.resume or "--resume" in args.overrides
+        assert [o for o in args.overrides if o != "--resume"] == ["lr=1e-3"]
 
 
 def test_build_configs_presets_yaml_and_overrides(tmp_path):
