@@ -4,7 +4,7 @@
 * :class:`Index` — a gallery to query many times, optionally with ids. Below ``APPROX_THRESHOLD``
   vectors it searches exactly; from there on it builds an inverted-file index (IVF-flat, inner
   product, kept by faiss): the gallery is cut into ~sqrt(N) k-means cells and a query scans only
-  the ``nprobe`` cells nearest to it (1/8 of them by default). ``bench/search.py`` measures the
+  the ``nprobe`` cells nearest to it (1/5 of them by default). ``bench/search.py`` measures the
   speed and the recall@10 against exact search. Saved as ``index.json`` + ``index.safetensors``
   (+ ``index.faiss``), so it can sit beside a checkpoint.
 
@@ -104,7 +104,7 @@ class Index:
 
     ``method``: ``"exact"`` (torch matrix products), ``"ivf"`` (faiss IVF-flat, approximate) or
     ``"auto"`` (``"ivf"`` from ``APPROX_THRESHOLD`` vectors on). ``nlist`` (k-means cells, default
-    ``sqrt(N)``) and ``nprobe`` (cells scanned per query, default ``nlist / 8``, at least 16; can be
+    ``sqrt(N)``) and ``nprobe`` (cells scanned per query, default ``nlist / 5``, at least 16; can be
     changed after building) trade speed for recall. Vectors are kept on the CPU as float32.
     """
 
@@ -127,7 +127,7 @@ class Index:
             n = vectors.shape[0]
             self.nlist = int(nlist or max(1, round(math.sqrt(n))))
             self._faiss = self._build_ivf(seed)
-            self.nprobe = nprobe or min(self.nlist, max(16, self.nlist // 8))
+            self.nprobe = nprobe or min(self.nlist, max(16, self.nlist // 5))
 
     def _build_ivf(self, seed: int):
         faiss = _import_faiss()
