@@ -43,6 +43,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,8 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # a long timeout: the other processes wait while process 0 validates
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return rank, world, device
 
 
@@ -245,6 +247,16 @@ def _jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metric lines logged after ``step`` (after the checkpoint a run resumes from; all
+    of them for a fresh run), so that metrics.jsonl tells one consistent history."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 # ---------------------------------------------------------------------------------------------
 # the training run
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +288,20 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
 
     # -- resume: the stored state decides the model and where to continue -----------------------
     state: dict[str, Any] | None = None
-    if resume and ((out / "last").exists() or (out / "last.old").exists()):
+    has_checkpoint = last_dir.exists() or last_dir.with_name("last.old").exists()
+    if resume and has_checkpoint:
         state = checkpoint.load(last_dir)
         model_cfg = from_dict(ModelConfig, state["model_config"])
+        changed = sorted(k for k, v in to_dict(cfg).items() if state["train_config"].get(k) != v)
+        if changed:
+            log.info("resuming with changed settings: %s", ", ".join(
+                f"{k}={getattr(cfg, k)!r} (was {state['train_config'].get(k)!r})" for k in changed))
         if state.get("world_size", 1) != world:
             log.warning("resuming a %d-process run with %d processes: batches and results will differ",
                         state.get("world_size", 1), world)
+    elif has_checkpoint:
+        raise ConfigError(f"{out} already holds a run; continue it with --resume (resume=True), "
+                          "or give another out_dir")
     elif resume:
         log.warning("--resume: no checkpoint in %s, starting afresh", out)
 
@@ -298,7 +318,6 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     val_set = PairedDataset(cfg.data, "val", features=features, image_input=cfg.image_input,
                             max_frames=cfg.max_frames) if cfg.eval_every > 0 else None
     steps_per_epoch = len(global_batches(train_set, cfg, 0, world))
-    total_steps = cfg.epochs * steps_per_epoch
 
     # -- model, optimiser, loss ----------------------------------------------------------------
     if state is None:
@@ -329,9 +348,9 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
             checkpoint.set_rng_state(state["rng"])
         log.info("resumed %s at epoch %d, batch %d (step %d)", out, epoch, batch_in_epoch, step)
     if world > 1:
-        # processes draw their own dropout / jitter noise; after a resume that is not bitwise the
-        # uninterrupted run's noise in processes other than 0 (only process 0's RNG is stored)
-        if not (main and state is not None):
+        # the other processes draw their own dropout / jitter noise; after a resume it is not
+        # bitwise the uninterrupted run's (only process 0's RNG state is stored)
+        if rank > 0:
             set_seed(cfg.seed + 7919 * rank + step)
         for p in model.parameters():
             dist.broadcast(p.data, src=0)
@@ -339,6 +358,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     writer = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, step if state is not None else -1)
         (out / "train_config.json").write_text(json.dumps({"train": to_dict(cfg), "model": to_dict(model_cfg)},
                                                           indent=2))
         if cfg.tensorboard:
