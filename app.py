@@ -246,13 +246,20 @@ def _draw_spectrogram(ax, wave: torch.Tensor) -> float:
     return seconds
 
 
-def spectrogram_image(wave: torch.Tensor, title: str = "") -> Image.Image:
-    fig = _figure(7, 2.2)
-    ax = fig.add_subplot()
-    _draw_spectrogram(ax, wave)
-    ax.set_xlabel("time (s)")
-    ax.set_title(title, fontsize=9)
-    return _to_image(fig)
+def spectrogram_image(wave: torch.Tensor, height: int = 160) -> np.ndarray:
+    """The log-mel spectrogram as an RGB array (low frequencies at the bottom, one column per 10 ms).
+
+    Drawn straight through a colour map rather than a matplotlib figure: it is part of every search
+    and a figure would take longer than the search itself.
+    """
+    from matplotlib import colormaps
+    from s2i.audio import spectrogram
+
+    spec = spectrogram(wave).T[::-1]  # (40, T) dB
+    top = float(spec.max())
+    level = np.clip((spec - (top - 80.0)) / 80.0, 0.0, 1.0)
+    rgb = (colormaps["magma"](level)[..., :3] * 255).astype(np.uint8)
+    return np.repeat(rgb, max(1, height // rgb.shape[0]), axis=0)
 
 
 def _code_colour(code: int):
@@ -471,6 +478,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
 
     app = {"loaded": Loaded.open(checkpoint, gallery, device)}
     trainer = Trainer(Path(runs_root or ROOT / "runs"), Path(data_root or ROOT / "data"))
+    threading.Thread(target=_warm_up, args=(app["loaded"],), daemon=True).start()
 
     def cur() -> Loaded:
         return app["loaded"]
@@ -497,7 +505,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                   f"{1000 * (time.perf_counter() - started):.0f} ms:\n\n{table}")
         state = {"kind": "speech", "label": f"your recording ({len(wave) / SAMPLE_RATE:.1f} s)",
                  "embedding": query[0].tolist(), "audio": audio_path}
-        return items, spectrogram_image(wave, "your query"), status, ids, state
+        return items, spectrogram_image(wave), status, ids, state
 
     def search_text(text, k):
         s = cur()
@@ -757,7 +765,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
             corpus = (old.meta.get("corpus_dir") if old is not None else None) or default_data(path)
             if not Path(corpus, "corpus.json").is_file():
                 raise _problem(f"{path} has no gallery and no corpus to make one from ({corpus}).")
-            yield f"Exporting a gallery for {path.name} from {corpus} (a minute: UMAP layout) …", gr.update()
+            yield (f"Exporting a gallery for {path.name} from {corpus} (a minute: UMAP layout) …", gr.update(),
+                   gr.update(), gr.update())
             argv = [sys.executable, "-m", "s2i", "export", str(path), "--data", str(corpus), "--split", "test",
                     "--max-clips", "0", "--layout", export_layout]
             done = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True)
@@ -767,10 +776,14 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         if loaded.model is None:
             raise _problem(" ".join(loaded.problems))
         app["loaded"] = loaded
-        yield f"Loaded {path}.", loaded.describe()
+        layers = loaded.vq_layers()
+        yield (f"Loaded {path}.", loaded.describe(), gr.update(choices=layers, value=layers[0] if layers else None),
+               gr.update(choices=color_choices(), value="modality"))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_model():
+    def evaluate_model(recompute):
+        """R@k of the loaded model: from the gallery's stored embeddings (instant), or, with
+        ``recompute``, by embedding the corpus split again with ``s2i.evaluate``."""
         from s2i.evaluate import DIRECTIONS, scores as retrieval
 
         s = cur()
@@ -778,14 +791,18 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         started = time.perf_counter()
         corpus = g.meta.get("corpus_dir")
         split = g.meta.get("split", "test")
-        if corpus and Path(corpus, f"{split}.jsonl").is_file():
+        if recompute:
+            if not (corpus and Path(corpus, f"{split}.jsonl").is_file()):
+                raise _problem(f"The corpus of this gallery ({g.meta.get('corpus_name', '?')}) is not here: "
+                               "untick re-embedding to evaluate on the exported embeddings.")
             from s2i.evaluate import evaluate
 
             result = evaluate(model, corpus, split=split)
             source = f"{split} split of {Path(corpus).name}, embedded now"
         else:
             result = retrieval(g.speech_embeddings, g.image_embeddings, g.caption_image, g.text_embeddings)
-            source = f"exported embeddings of the {split} split (corpus not present)"
+            source = (f"exported embeddings of the {split} split ({g.num_images} images, {g.num_captions} "
+                      "captions; float16)")
         rows = [[d.replace("_to_", " → "), *(round(100 * result[d][k], 1) for k in ("R@1", "R@5", "R@10")),
                  result[d]["median_rank"], round(result[d]["mean_rank"], 1)] for d in DIRECTIONS if d in result]
         # failure cases: spoken captions whose image ranks worst
@@ -830,7 +847,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                     results = gr.Gallery(label="Best-matching images (click one for its spoken captions)",
                                          elem_id="results", columns=5, height=260, object_fit="contain")
                     search_status = gr.Markdown(elem_id="search_status")
-                    query_spec = gr.Image(label="Query spectrogram", interactive=False, elem_id="query_spec")
+                    query_spec = gr.Image(label="Query spectrogram (time →, 10 ms per column; 40 mel bands)",
+                                          interactive=False, elem_id="query_spec", format="png", height=180)
             with gr.Row():
                 with gr.Column():
                     browse_gallery = gr.Gallery(label="Browse the gallery (click an image)", columns=8, height=220,
@@ -913,7 +931,10 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                 ckpt_btn = gr.Button("Load")
 
         with gr.Tab("Evaluation", id="evaluation"):
-            eval_btn = gr.Button("Evaluate the loaded model on its test split", variant="primary")
+            with gr.Row():
+                eval_recompute = gr.Checkbox(False, label="re-embed the split from the corpus (slow; default: the "
+                                                          "gallery's stored embeddings)")
+                eval_btn = gr.Button("Evaluate the loaded model on its test split", variant="primary")
             eval_table = gr.Dataframe(headers=["direction", "R@1", "R@5", "R@10", "median rank", "mean rank"],
                                       interactive=False)
             eval_md = gr.Markdown()
@@ -953,14 +974,26 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         t_start.click(train_start, [t_preset, t_data, t_epochs, t_device], [t_status, timer], api_name="train_start")
         t_stop.click(train_stop, None, [t_status], api_name="train_stop")
         timer.tick(train_poll, None, [t_loss, t_recall, t_log, t_status, timer], api_name="train_progress")
-        t_load.click(load_run, None, [t_status, header], api_name="train_load")
-        ckpt_btn.click(load_checkpoint, [ckpt_path], [t_status, header], api_name="load_checkpoint")
-        eval_btn.click(evaluate_model, None, [eval_table, eval_md, eval_cases, eval_cases_md, *eval_players],
+        t_load.click(load_run, None, [t_status, header, layer, color_by], api_name="train_load")
+        ckpt_btn.click(load_checkpoint, [ckpt_path], [t_status, header, layer, color_by], api_name="load_checkpoint")
+        eval_btn.click(evaluate_model, [eval_recompute], [eval_table, eval_md, eval_cases, eval_cases_md, *eval_players],
                        api_name="evaluate", **heavy)
         demo.queue(default_concurrency_limit=4, max_size=64)
     demo.s2i_loaded = lambda: app["loaded"]  # type: ignore[attr-defined]  # for tests and allowed_paths
     demo.s2i_trainer = trainer  # type: ignore[attr-defined]
     return demo
+
+
+def _warm_up(loaded: Loaded) -> None:
+    """Pay the first-call costs (matplotlib's import, torch's first forward) before the first visitor does."""
+    try:
+        wave = torch.sin(torch.arange(SAMPLE_RATE, dtype=torch.float32) * 0.05) * 0.1
+        spectrogram_image(wave)
+        if loaded.model is not None:
+            with torch.no_grad():
+                loaded.model.encode_speech(wave)
+    except Exception:  # noqa: BLE001 - a failed warm-up only costs the first query its speed
+        log.debug("warm-up failed", exc_info=True)
 
 
 def _index(value: Any, n: int, what: str) -> int:

@@ -195,12 +195,15 @@ def test_matchmap_overlays(world):
 def test_evaluation_matches_the_evaluate_module(world):
     from s2i.evaluate import evaluate
 
-    table, note, cases, cases_text, *players = world["client"].predict(api_name="/evaluate")
+    table, note, cases, cases_text, *players = world["client"].predict(True, api_name="/evaluate")
     rows = {r[0]: r for r in table["data"]}
     expected = evaluate(world["model"], world["corpus"], split="test")
     assert rows["speech → image"][1:4] == pytest.approx(
         [round(100 * expected["speech_to_image"][k], 1) for k in ("R@1", "R@5", "R@10")])
     assert set(rows) == {"speech → image", "image → speech", "text → image", "image → text"}
+    assert "embedded now" in note
+    table, note, *_ = world["client"].predict(False, api_name="/evaluate")  # from the stored embeddings
+    assert len(table["data"]) == 4 and "exported embeddings" in note
     assert len(cases) == 8 and "Hardest spoken captions" in cases_text and len(players) == 4
     assert all(Path(c["image"]).is_file() for c in cases)
 
@@ -253,13 +256,13 @@ def test_train_watch_stop_and_load_a_run(world):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val" in r for r in rows)
     assert "already" not in client.predict(api_name="/train_stop")  # nothing running: just the status
-    status, header = client.predict(api_name="/train_load")
-    assert "Loaded" in status and run.name in header
+    status, header, layer, _ = client.predict(api_name="/train_load")
+    assert "Loaded" in status and run.name in header and value(layer) == "vq1"
     assert (run / "best" / "gallery.json").is_file()
     items, *_ = client.predict(handle_file(caption_wav(world, 0)), 5, api_name="/search_speech")
     assert len(items) == 5
     # and back to the first model
-    status, header = client.predict(str(world["ckpt"]), api_name="/load_checkpoint")
+    status, header, *_ = client.predict(str(world["ckpt"]), api_name="/load_checkpoint")
     assert str(world["ckpt"]) in header
 
 
