@@ -549,15 +549,16 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         return ids[evt.index] if ids and evt.index is not None and evt.index < len(ids) else None
 
     # ------------------------------------------------------------------ VQ units
-    def _units_outputs(wave, words, title, layer):
+    def _units_outputs(wave, words, title, layer, units=None):
         s = cur()
         model = s.need_model()
         layers = s.vq_layers()
         if not layers:
             raise _problem(f"The model {model.config.name!r} has no VQ layers: there are no units to show.")
         layer = layer if layer in layers else layers[0]
-        with torch.no_grad():
-            units = model.units(wave, sample_rate=SAMPLE_RATE)
+        if units is None:
+            with torch.no_grad():
+                units = model.units(wave, sample_rate=SAMPLE_RATE)
         picture = units_image(wave, units, words, title)
         hist, summary = None, ""
         codes_here = units[layer].codes.numpy()
@@ -592,9 +593,16 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                            "pick another caption.")
         from s2i.audio import load_audio
 
-        wave = load_audio(path, max_seconds=MAX_QUERY_SECONDS)
+        wave = load_audio(path, max_seconds=None)
         c = g.captions[j]
-        return _units_outputs(wave, [tuple(w) for w in c.get("words") or []], f"caption {j}: “{c.get('text', '')}”", layer)
+        units = None
+        if set(g.codes) == set(s.vq_layers()):
+            # the codes computed at export from the original audio (a clip is lossy-compressed)
+            from s2i.model import UnitSequence
+
+            units = {name: UnitSequence(g.caption_codes(name, j), g.frame_shift(name)) for name in g.codes}
+        return _units_outputs(wave, [tuple(w) for w in c.get("words") or []], f"caption {j}: “{c.get('text', '')}”",
+                              layer, units)
 
     def code_info(utt, layer, code):
         s = cur()

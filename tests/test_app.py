@@ -290,3 +290,33 @@ def test_app_starts_without_a_model_or_gallery(tmp_path, world):
     loaded = s2i_app.Loaded.open(str(ckpt))
     assert loaded.model is not None and loaded.gallery is None
     assert "python -m s2i export" in loaded.describe()
+
+
+def test_app_on_thumbnails_and_clips_only(world, tmp_path):
+    """As on a Space: the checkpoint folder ships without the corpus."""
+    import shutil
+
+    copy = tmp_path / "space" / "ckpt"
+    shutil.copytree(world["ckpt"], copy)
+    gallery = Gallery.load(copy, corpus=tmp_path / "absent")
+    demo = s2i_app.build_demo(str(copy), gallery, runs_root=tmp_path / "runs", data_root=tmp_path / "data")
+    try:
+        client = serve(demo)
+        items, *_ = client.predict(handle_file(caption_wav(world, 0)), 5, api_name="/search_speech")
+        assert all(Path(it["image"]).is_file() for it in items)
+        picked, text, *players = client.predict(0, api_name="/image_to_speech")
+        with_clip = {j for j, c in enumerate(gallery.captions) if c["clip"]}
+        assert len(with_clip) == 4 and sum(value(p) is not None for p in players) <= 4
+        assert "no audio exported" in json.dumps(players) or len(with_clip) >= 5
+        with pytest.raises(AppError, match="has no audio here"):
+            client.predict(min(set(range(gallery.num_captions)) - with_clip), "vq1", api_name="/units_caption")
+        j = min(with_clip)
+        picture, usage, summary, code, *_ = client.predict(j, "vq1", api_name="/units_caption")
+        stored = gallery.caption_codes("vq1", j).numpy()
+        assert value(code) == int(np.bincount(stored).argmax())  # the stored codes, not the lossy clip's
+        table, note, *_ = client.predict(False, api_name="/evaluate")
+        assert len(table["data"]) == 4
+        with pytest.raises(AppError, match="not here"):
+            client.predict(True, api_name="/evaluate")
+    finally:
+        demo.close()
