@@ -4,7 +4,7 @@
 * :class:`Index` — a gallery to query many times, optionally with ids. Below ``APPROX_THRESHOLD``
   vectors it searches exactly; from there on it builds an inverted-file index (IVF-flat, inner
   product, kept by faiss): the gallery is cut into ~sqrt(N) k-means cells and a query scans only
-  the ``nprobe`` cells nearest to it (1/5 of them by default). ``bench/search.py`` measures the
+  the ``nprobe`` cells nearest to it (1/5 of them by default, within a latency budget). ``bench/search.py`` measures the
   speed and the recall@10 against exact search. Saved as ``index.json`` + ``index.safetensors``
   (+ ``index.faiss``), so it can sit beside a checkpoint.
 
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 APPROX_THRESHOLD = 50_000
 #: scores computed at once by the exact search (64 MB of float32)
 CHUNK_ELEMENTS = 1 << 24
+#: the default nprobe scans at most this many floats per query (256 MB: ~50 ms of memory traffic on 2 cores)
+SCAN_BUDGET = 1 << 26
 FORMAT = "s2i-index"
 VERSION = 1
 JSON_FILE, VECTORS_FILE, FAISS_FILE = "index.json", "index.safetensors", "index.faiss"
@@ -104,8 +106,9 @@ class Index:
 
     ``method``: ``"exact"`` (torch matrix products), ``"ivf"`` (faiss IVF-flat, approximate) or
     ``"auto"`` (``"ivf"`` from ``APPROX_THRESHOLD`` vectors on). ``nlist`` (k-means cells, default
-    ``sqrt(N)``) and ``nprobe`` (cells scanned per query, default ``nlist / 5``, at least 16; can be
-    changed after building) trade speed for recall. Vectors are kept on the CPU as float32.
+    ``sqrt(N)``) and ``nprobe`` (cells scanned per query; default ``nlist / 5``, fewer if that would
+    scan more than ``SCAN_BUDGET`` floats, at least 16; can be changed after building) trade speed
+    for recall. Vectors are kept on the CPU as float32 (an IVF index holds a second copy in faiss).
     """
 
     def __init__(self, vectors: Tensor, ids: Sequence[Any] | None = None, method: str = "auto",
@@ -127,7 +130,8 @@ class Index:
             n = vectors.shape[0]
             self.nlist = int(nlist or max(1, round(math.sqrt(n))))
             self._faiss = self._build_ivf(seed)
-            self.nprobe = nprobe or min(self.nlist, max(16, self.nlist // 5))
+            cell_floats = n / self.nlist * self.dim
+            self.nprobe = nprobe or min(self.nlist, max(16, min(self.nlist // 5, int(SCAN_BUDGET // cell_floats))))
 
     def _build_ivf(self, seed: int):
         faiss = _import_faiss()
