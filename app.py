@@ -387,6 +387,10 @@ class Trainer:
         if device not in self.devices():
             raise _problem(f"Device {device!r} is not available here; choose from {self.devices()}.")
         run_dir = self.runs_root / f"app-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        n_same = 1
+        while run_dir.exists():  # two runs within a second
+            n_same += 1
+            run_dir = run_dir.with_name(f"app-{preset}-{time.strftime('%Y%m%d-%H%M%S')}-{n_same}")
         argv = [sys.executable, "-m", "s2i", "train", preset, f"data={self.data_root / data}", f"epochs={n}",
                 f"device={device}", f"out_dir={run_dir}", "log_every=5"]
         return argv, run_dir
@@ -661,8 +665,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         g = cur().gallery
         keys = set()
         if g is not None:
-            for im in g.images:
-                keys.update(k for k, v in (im.get("scene") or {}).items() if isinstance(v, (str, int, float, bool)))
+            for i in range(g.num_images):
+                keys.update(g.scene_attributes(i))
         return ["modality"] + sorted(keys)
 
     def embeddings(color_by, query):
@@ -673,7 +677,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         if not g.layout:
             raise _problem("This gallery has no 2-D layout; re-export it.")
         frames = []
-        scene = lambda i: (g.images[i].get("scene") or {}).get(color_by, "?")  # noqa: E731
+        attributes = [g.scene_attributes(i) for i in range(g.num_images)] if color_by != "modality" else []
+        scene = lambda i: attributes[i].get(color_by, "(none)")  # noqa: E731
         for modality, xy in g.layout.items():
             n = len(xy)
             if modality == "image":
@@ -897,7 +902,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
             with gr.Row():
                 color_by = gr.Dropdown(color_choices(), value="modality", label="Colour by")
                 layout_btn = gr.Button("Show", variant="primary")
-            layout_plot = gr.ScatterPlot(x="x", y="y", color="group", tooltip=["item", "group"], height=480,
+            layout_plot = gr.ScatterPlot(x="x", y="y", color="group", tooltip=["item", "group"], height=600,
                                          label="Images and captions (2-D layout computed at export)")
             layout_md = gr.Markdown()
 

@@ -165,6 +165,10 @@ class Gallery:
             return self.root / clip
         return None
 
+    def scene_attributes(self, i: int) -> dict[str, str]:
+        """Image ``i``'s scene as flat ``name -> value`` strings, for colouring plots (see :func:`flatten_scene`)."""
+        return flatten_scene(self.images[i].get("scene") or {})
+
     def captions_of(self, i: int) -> list[int]:
         """Indices of the captions of image ``i``."""
         return torch.nonzero(self.caption_image == i).flatten().tolist()
@@ -236,6 +240,26 @@ class Gallery:
         _atomic_write(root / JSON_FILE, lambda p: p.write_text(json.dumps(meta, ensure_ascii=False)))
         self.root = root
         return root
+
+
+def flatten_scene(scene: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A corpus's free-form scene attributes as flat strings: nested keys dotted, lists counted and their
+    first item kept, e.g. ``{"layout": "h", "objects": [{"colour": "red"}, ...]}`` ->
+    ``{"layout": "h", "objects.count": "2", "objects.0.colour": "red"}``."""
+    flat: dict[str, str] = {}
+    for key, value in scene.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_scene(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[f"{name}.count"] = str(len(value))
+            if value and isinstance(value[0], dict):
+                flat.update(flatten_scene(value[0], f"{name}.0."))
+            elif value:
+                flat[f"{name}.0"] = str(value[0])
+        elif value is not None and value != "":
+            flat[name] = str(value)
+    return flat
 
 
 def _atomic_write(path: Path, write) -> None:

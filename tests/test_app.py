@@ -15,7 +15,6 @@ import gradio as gr
 import numpy as np
 import pytest
 import soundfile
-import torch
 
 import s2i
 from s2i.audio import load_audio
@@ -152,7 +151,7 @@ def test_units_of_a_gallery_caption_and_browsing_a_code(world):
     picture, usage, summary, code_choices, layer, *_ = client.predict(3, "vq1", api_name="/units_caption")
     assert Path(picture).is_file() and Path(usage).is_file()
     assert "perplexity" in summary and "vq1" in summary
-    model, g = world["model"], world["gallery"]
+    model = world["model"]
     codes = model.units(load_audio(caption_wav(world, 3)))["vq1"].codes
     first = int(np.bincount(codes.numpy()).argmax())  # the most frequent code comes first
     assert value(code_choices) == first and value(layer) == "vq1"
@@ -234,7 +233,7 @@ def test_training_refuses_bad_arguments(world):
 def test_train_command_is_an_argument_list(world):
     argv, run_dir = world["demo"].s2i_trainer.command("rnn_vq_small", "shapes", 3, "cpu")
     assert argv[1:5] == ["-m", "s2i", "train", "rnn_vq_small"]
-    assert f"epochs=3" in argv and "device=cpu" in argv and f"out_dir={run_dir}" in argv
+    assert "epochs=3" in argv and "device=cpu" in argv and f"out_dir={run_dir}" in argv
 
 
 @pytest.mark.slow

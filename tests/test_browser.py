@@ -5,14 +5,15 @@ gallery image, synthesised with a voice the gallery does not use. The test recor
 microphone button, searches, and expects that image in the top 5. It also saves a screenshot of every
 tab into ``docs/screenshots/``.
 
-With the trained default checkpoint (``checkpoints/default`` and its exported gallery) the test checks
-retrieval; without it, it runs the same steps on a small untrained model and checks only that the
+With the trained default checkpoint (``checkpoints/default`` and its exported gallery; or any trained
+checkpoint with a gallery named by ``$S2I_BROWSER_CHECKPOINT``) the test checks retrieval; without it, it runs the same steps on a small untrained model and checks only that the
 recording reached the server whole (a random model retrieves at random).
 
 Run with: ``bash scripts/test.sh -m browser tests/test_browser.py``
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -48,11 +49,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(checkpoint folder, trained?) — the default checkpoint if it is there with its gallery."""
+    """(checkpoint folder, trained?): $S2I_BROWSER_CHECKPOINT or the default checkpoint, if it has a gallery."""
     from s2i.gallery import find_gallery
 
-    if find_gallery(DEFAULT) is not None:
-        return DEFAULT, True
+    chosen = Path(os.environ.get("S2I_BROWSER_CHECKPOINT", DEFAULT))
+    if find_gallery(chosen) is not None:
+        return chosen, True
     from s2i.cli import main as cli
     from tests.test_export import make_checkpoint, make_corpus
 
@@ -146,8 +148,12 @@ def test_record_with_the_microphone_and_find_the_image(setup, tmp_path):
         demo.close()
     (SCREENSHOTS / "README.md").write_text(
         "Screenshots of the app, taken by `tests/test_browser.py` (a real chromium, the query recorded through "
-        f"its fake microphone).\n\nCheckpoint: `{ckpt.name if not trained else 'checkpoints/default'}`"
+        f"its fake microphone).\n\nCheckpoint: `{_shown(ckpt) if trained else ckpt.name}`"
         f"{'' if trained else ' (an untrained stand-in: the default checkpoint was not there)'}.\n")
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
 
 
 def _tab(page, name: str) -> None:

@@ -201,6 +201,17 @@ def test_bad_input_gives_one_line_errors(tmp_path, corpus, exported, capsys):
         Gallery.load(bad)
 
 
+def test_scene_attributes_are_flattened_for_colouring():
+    from s2i.gallery import flatten_scene
+
+    scene = {"layout": "h", "position": "", "objects": [{"kind": "star", "colour": "red", "size": "small"},
+                                                         {"kind": "two", "colour": "blue", "size": "large"}]}
+    assert flatten_scene(scene) == {"layout": "h", "objects.count": "2", "objects.0.kind": "star",
+                                    "objects.0.colour": "red", "objects.0.size": "small"}
+    assert flatten_scene({"tags": ["a", "b"], "light": {"hour": 3}}) == {"tags.count": "2", "tags.0": "a",
+                                                                          "light.hour": "3"}
+
+
 def test_clip_choice_spreads_clips_over_images():
     caption_image = torch.tensor([0, 0, 0, 1, 1, 2])
     assert clip_choice(caption_image, 3) == [0, 3, 5]
