@@ -320,7 +320,7 @@ def _run_curves(train_rows: list[dict], val_rows: list[dict]) -> tuple[Image.Ima
     fig = _figure(6, 2.6)
     ax = fig.add_subplot()
     if train_rows:
-        ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1)
+        ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1, marker="." if len(train_rows) < 50 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     loss = _to_image(fig)
@@ -774,8 +774,12 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         if path is None or not (path / "config.json").is_file():
             raise _problem(f"{folder!r} is not a checkpoint folder (model.safetensors + config.json).")
         if find_gallery(path) is None:
+            # the test split of the corpus the model was trained on, else the current gallery's corpus
             old = cur().gallery
-            corpus = (old.meta.get("corpus_dir") if old is not None else None) or default_data(path)
+            corpus = Path(default_data(path))
+            corpus = corpus if corpus.is_absolute() else ROOT / corpus
+            if not Path(corpus, "corpus.json").is_file() and old is not None and old.meta.get("corpus_dir"):
+                corpus = old.meta["corpus_dir"]
             if not Path(corpus, "corpus.json").is_file():
                 raise _problem(f"{path} has no gallery and no corpus to make one from ({corpus}).")
             yield (f"Exporting a gallery for {path.name} from {corpus} (a minute: UMAP layout) …", gr.update(),
