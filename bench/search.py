@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,26 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import machine, machine_line  # noqa: E402  (bench/common.py)
 from s2i import search as s2i_search  # noqa: E402
 from s2i.search import Index  # noqa: E402
-
-
-def machine(threads: int) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import faiss
-
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "threads": threads, "load_average": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
-            "numpy": np.__version__}
 
 
 def make_data(kind: str, n: int, dim: int, sigma: float, seed: int, chunk: int = 100_000) -> torch.Tensor:
@@ -122,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in args.data.split(",")]
     if any(k not in ("clustered", "uniform") for k in kinds):
         parser.error("--data takes clustered and/or uniform")
-    info = machine(args.threads)
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    info = machine() | {"faiss": faiss.__version__}
+    print(f"machine: {machine_line(info)}, faiss {info['faiss']}")
     print(f"data: {kinds} (clustered sigma={args.sigma}), {args.queries} single queries "
-          f"({args.exact_queries} for exact), k={args.k}, "
+          f"({min(args.exact_queries, args.queries)} for exact), k={args.k}, "
           f"auto switches to approximate at {s2i_search.APPROX_THRESHOLD:,} vectors")
     header = f"{'data':<10} {'dim':>5} {'N':>9} {'method':<17} {'build_s':>8} {'p50_ms':>8} {'p95_ms':>8} {'recall@10':>9}"
     print(header)
