@@ -257,6 +257,8 @@ def _decode(name: str, data: bytes | str, max_seconds: float | None, on_too_long
             raise AudioError(f"{name} is a truncated or corrupt WAV file: its header is incomplete or damaged "
                              f"({_size(data)} bytes)") from None
         reason = (getattr(e, "error_string", "") or str(e)).strip().rstrip(".") or "unknown format"
+        if "does not exist" in reason:  # libsndfile's words when a decoder finds no stream in an existing file
+            reason = "no audio stream found: truncated, or not audio"
         raise AudioError(f"{name} is not a readable audio file ({reason}; readable formats: WAV, FLAC, "
                          "OGG, MP3, AIFF and the others libsndfile knows)") from None
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":

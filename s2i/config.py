@@ -12,6 +12,7 @@ position 0 is the output of the front-end convolution and position i (1..n) the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,6 +136,26 @@ class TrainConfig:
     eval_batch_size: int = 100  # utterances per batch when embedding the validation split (the seed: 100)
     tensorboard: bool = True  # also write TensorBoard logs to out_dir/tb
 
+    def __post_init__(self) -> None:
+        for name, low in _TRAIN_MINIMA.items():
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    value < low[0] or (low[1] and value == low[0])):
+                raise ConfigError(f"{name}: must be {'above' if low[1] else 'at least'} {low[0]}, got {value!r}"
+                                  + (f" ({low[2]})" if len(low) > 2 else ""))
+
+
+#: the smallest value of each TrainConfig number: (bound, exclusive[, why])
+_TRAIN_MINIMA: dict[str, tuple] = {
+    "batch_size": (2, False, "an in-batch loss needs at least two utterances per batch"), "epochs": (1, False),
+    "lr": (0, True), "min_lr": (0, False), "weight_decay": (0, False), "cycle_epochs": (0, True),
+    "warmup_steps": (0, False), "margin": (0, False), "hardest_n": (0, False), "text_loss_weight": (0, False),
+    "grad_clip": (0, False), "workers": (0, False), "eval_every": (0, False), "val_max_images": (0, False),
+    "max_frames": (1, False), "log_every": (1, False), "max_steps": (0, False), "eval_batch_size": (1, False),
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # Presets
@@ -246,7 +267,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (tuple, list) and isinstance(value, str):
         import yaml
 
-        value = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{where}: {value!r} is not a list; write it like [0, 128, 2048]") from None
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")

@@ -161,7 +161,8 @@ class S2I(nn.Module):
     # ------------------------------------------------------------------ images
     def preprocess_image(self, image: Any) -> torch.Tensor:
         """A PIL image, an ``H x W (x 3|4)`` array (uint8 or floats in [0, 1]) or a file path -> ``(3, S, S)``
-        floats in [0, 1]: shorter side resized, centre-cropped to ``config.image.image_size``."""
+        floats in [0, 1]: shorter side resized, centre-cropped to ``config.image.image_size``.
+        A file that is no usable image raises :class:`s2i.encoders.image.ImageError` (a ValueError)."""
         from PIL import Image
 
         cfg = self.config.image
@@ -169,7 +170,9 @@ class S2I(nn.Module):
             raise ValueError(f"this model's image encoder takes precomputed {cfg.in_dim}-d feature vectors, "
                              "not pixels: pass a (batch, features) tensor to encode_image")
         if isinstance(image, (str, os.PathLike)):
-            image = Image.open(image)
+            from s2i.encoders.image import open_image
+
+            image = open_image(image)  # an ImageError for anything not a usable image
         if not isinstance(image, Image.Image):
             arr = np.asarray(image)
             if arr.dtype != np.uint8:

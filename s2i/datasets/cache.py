@@ -527,17 +527,14 @@ class _LoadCrops:
         self.paths, self.crop = paths, crop
 
     def __call__(self, i: int) -> np.ndarray:
-        from PIL import Image
         from torchvision.transforms import functional as F
 
-        path = self.paths[i]
-        if not os.path.isfile(path):
-            raise CorpusError(f"image file not found: {path}")
+        from s2i.encoders.image import ImageError, open_image
+
         try:
-            with Image.open(path) as im:
-                im = F.resize(im.convert("RGB"), 256, interpolation=F.InterpolationMode.LANCZOS)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise CorpusError(f"image file {path} cannot be decoded ({e})") from None
+            im = F.resize(open_image(self.paths[i]), 256, interpolation=F.InterpolationMode.LANCZOS)
+        except ImageError as e:
+            raise CorpusError(str(e)) from None
         crops = F.ten_crop(im, 224) if self.crop == "ten" else (F.center_crop(im, 224),)
         return np.stack([np.asarray(c, dtype=np.uint8).transpose(2, 0, 1) for c in crops])
 

@@ -253,22 +253,20 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     (bilinear, antialiased) then centre-cropped to ``size x size``."""
     from PIL import Image
 
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"image file not found: {path}")
+    from s2i.encoders.image import ImageError, open_image
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None:
-                w, h = im.size
-                scale = size / min(w, h)
-                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-                im = im.resize((nw, nh), Image.BILINEAR)
-                left, top = (nw - size) // 2, (nh - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            return np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image I can decode"
-        raise CorpusError(f"image file {path} cannot be decoded ({e})") from None
+        im = open_image(path)
+    except ImageError as e:
+        raise CorpusError(str(e)) from None
+    if size is not None:
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8).copy()
 
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:

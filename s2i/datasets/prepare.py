@@ -63,17 +63,12 @@ def check_audio(path: str | os.PathLike) -> int:
 
 def check_image(path: str | os.PathLike) -> None:
     """Decode one image (at reduced scale where the format allows: fast); raise :class:`CorpusError` if it fails."""
-    from PIL import Image
+    from s2i.encoders.image import ImageError, open_image
 
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CorpusError(f"image file {path} cannot be decoded ({e})") from None
+        open_image(path, draft=(64, 64))
+    except ImageError as e:
+        raise CorpusError(str(e)) from None
 
 
 class _Check:

@@ -13,6 +13,9 @@ Every encoder has ``forward(images) -> (B, D)``; spatial ones also ``forward_map
 from __future__ import annotations
 
 import logging
+import os
+import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +28,44 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message says what is wrong with it."""
+
+
+def open_image(path: str | os.PathLike, draft: tuple[int, int] | None = None):
+    """Decode an image file into an RGB ``PIL.Image``, or raise :class:`ImageError` saying why.
+
+    Images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb limit,
+    89 M by default; set it to change the limit) are refused from their header, before anything is
+    decoded. ``draft``: let JPEG decode at a reduced scale near this size (a fast validity check).
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"expected an image file, got a folder: {path}" if path.is_dir()
+                         else f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"image file is empty (0 bytes): {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a message
+            with Image.open(path) as im:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and im.size[0] * im.size[1] > limit:
+                    raise Image.DecompressionBombError(f"{im.size[0]} x {im.size[1]} pixels")
+                if draft is not None:
+                    im.draft("RGB", draft)
+                return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image file {path} is too large to decode safely ({e}; a decompression bomb?): the limit "
+                         f"is {Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS); resize it first") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"image file {path} cannot be decoded (not an image format PIL reads)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        raise ImageError(f"image file {path} cannot be decoded ({e or type(e).__name__}; truncated or corrupt?)") from None
 
 
 class LinearImageEncoder(nn.Module):
@@ -128,9 +169,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"image weights file {path} does not exist (weights are never downloaded; "
                           "give a local torchvision state dict)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"image weights file {path} is truncated or corrupt ({exc})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal becomes one clear message
