@@ -71,7 +71,6 @@ class Loaded:
     thumbs_dir: Path | None = None
     _thumb_files: dict[int, str] = field(default_factory=dict)
     _word_tables: dict[str, Any] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, checkpoint: Any = "default", gallery: Any = None, device: str = "cpu") -> "Loaded":
@@ -503,7 +502,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         started = time.perf_counter()
         with torch.no_grad():
             query = model.encode_speech(wave, sample_rate=SAMPLE_RATE)
-        scores, idx = search(query, g.image_embeddings, k=int(k))
+        scores, idx = search(query, g.image_embeddings, k=_top_k(k))
         items, ids, table = _results(scores[0], idx[0])
         status = (f"Spoken query ({len(wave) / SAMPLE_RATE:.1f} s), searched {g.num_images} images in "
                   f"{1000 * (time.perf_counter() - started):.0f} ms:\n\n{table}")
@@ -521,7 +520,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
             raise _problem(f"The model {model.config.name!r} has no text encoder: search with speech instead.")
         with torch.no_grad():
             query = model.encode_text([text[:500]])
-        scores, idx = search(query, g.image_embeddings, k=int(k))
+        scores, idx = search(query, g.image_embeddings, k=_top_k(k))
         items, ids, table = _results(scores[0], idx[0])
         state = {"kind": "text", "label": f"“{text[:60]}”", "embedding": query[0].tolist(), "audio": None}
         return items, f"Typed query “{text[:80]}”:\n\n{table}", ids, state
@@ -545,7 +544,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
     def browse(seed):
         s = cur()
         g = s.need_gallery()
-        rng = np.random.default_rng(int(seed or 0))
+        rng = np.random.default_rng(abs(int(seed or 0)) % 2**32)
         ids = sorted(rng.choice(g.num_images, size=min(BROWSE_SIZE, g.num_images), replace=False).tolist())
         return [(s.image_file(i), s.image_label(i)) for i in ids], ids
 
@@ -1011,6 +1010,13 @@ def _warm_up(loaded: Loaded) -> None:
                 loaded.model.encode_speech(wave)
     except Exception:  # noqa: BLE001 - a failed warm-up only costs the first query its speed
         log.debug("warm-up failed", exc_info=True)
+
+
+def _top_k(k: Any) -> int:
+    try:
+        return max(1, min(int(k), 50))
+    except (TypeError, ValueError):
+        raise _problem(f"The number of results must be a whole number, got {k!r}.") from None
 
 
 def _index(value: Any, n: int, what: str) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -31,27 +30,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(x, 1) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(), "ram_mb": mem,
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+from common import machine, machine_line  # noqa: E402
 
 
 def free_port() -> int:
@@ -176,10 +157,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        m = result["machine"]
-        print(f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_mb']} MB RAM, "
-              f"GPU {m['gpu'] or 'none'}; Python {m['python']}, torch {m['torch']}; "
-              f"load average before the run {m['load_average']}")
+        print(f"machine (before the run): {machine_line(result['machine'])}")
         print(f"checkpoint: {ckpt}")
         print(f"cold start to first page: {result['cold_start_s']:.2f} s (target <= 10 s)")
         for name, what in (("response", "until the answer (file URLs) arrives"),
