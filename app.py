@@ -1063,8 +1063,10 @@ def allowed_paths(demo: gr.Blocks) -> list[str]:
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **kwargs):
-    """Launch with the app's fixed settings: no SSR, no share link, upload limit, limited file access."""
+    """Launch with the app's fixed settings: no SSR, no share link, upload limit, limited file access, and
+    the messages of errors raised while Gradio checks an input (a string for a number, ...) shown too."""
     return demo.launch(server_name=host, server_port=port, ssr_mode=False, share=False, max_file_size=MAX_UPLOAD,
+                       show_error=True,
                        allowed_paths=allowed_paths(demo), footer_links=["api", "settings"], **kwargs)
 
 

@@ -217,6 +217,8 @@ def test_training_refuses_bad_arguments(world):
             client.predict(*args, api_name="/train_start")
     with pytest.raises(AppError, match="1|whole number"):
         client.predict("rnn_small", "shapes", 0, "cpu", api_name="/train_start")
+    with pytest.raises(AppError, match="(?i)number|float"):  # Gradio's own check, its message shown
+        client.predict("rnn_small", "shapes", "ten", "cpu", api_name="/train_start")
     trainer = world["demo"].s2i_trainer
     for args, message in ((("merkx2021_rnn", "shapes", 1, "cpu"), "Unknown preset"),
                           (("rnn_small", "../../etc", 1, "cpu"), "No prepared corpus"),
