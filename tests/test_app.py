@@ -230,6 +230,11 @@ def test_training_refuses_bad_arguments(world):
     assert not trainer.running()
     loss, recall, tail, status = client.predict(api_name="/train_progress")[:4]
     assert "No run started" in status
+    assert "No run started" in client.predict(api_name="/train_stop")
+    with pytest.raises(AppError, match="No finished run"):
+        client.predict(api_name="/train_load")
+    with pytest.raises(AppError, match="not a checkpoint folder"):
+        client.predict(str(world["root"] / "nowhere"), api_name="/load_checkpoint")
 
 
 def test_train_command_is_an_argument_list(world):
