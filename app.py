@@ -781,7 +781,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                 corpus = old.meta["corpus_dir"]
             if not Path(corpus, "corpus.json").is_file():
                 raise _problem(f"{path} has no gallery and no corpus to make one from ({corpus}).")
-            yield (f"Exporting a gallery for {path.name} from {corpus} (a minute: UMAP layout) …", gr.update(),
+            yield (f"Exporting a gallery for {path.name} from {corpus} (minutes on a CPU: embedding the test split, fitting the UMAP layout) …", gr.update(),
                    gr.update(), gr.update())
             argv = [sys.executable, "-m", "s2i", "export", str(path), "--data", str(corpus), "--split", "test",
                     "--max-clips", "0", "--layout", export_layout]
