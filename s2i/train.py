@@ -12,7 +12,9 @@ written every epoch, and on SIGTERM / Ctrl-C after finishing the current step), 
 with the best validation mean R@10 of both directions, loadable with ``s2i.load``), ``metrics.jsonl``
 (one JSON object per line: training lines ``{"step", "epoch", "loss", "lr", "vq/<layer>/perplexity",
 ...}`` and validation lines ``{"epoch", "step", "val": {...}}``) and TensorBoard logs in ``tb/``.
-``--resume`` continues from ``last/`` and ends with the same weights as an uninterrupted run.
+``--resume`` continues from ``last/`` and ends with the same weights as an uninterrupted run (same
+device and number of processes; with waveform augmentation in DataLoader workers, the noise drawn
+after a mid-epoch resume differs). Watch a run with ``tensorboard --logdir runs``.
 
 Distributed data parallel (DDP): launch one process per GPU with torchrun; nothing else changes::
 
