@@ -250,13 +250,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(arg, value, where)
-            except ConfigError:
-                pass
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:  # e.g. TextConfig | None given a mapping: say what is wrong inside it
+            raise errors[0]
         raise ConfigError(f"{where}: {value!r} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

@@ -260,18 +260,21 @@ def _pickle_message(path: Path) -> str:
 
 def save(model: S2I, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``directory``, atomically: everything goes to a
-    temporary sibling folder that then replaces ``directory`` (other files already there are kept)."""
-    from safetensors.torch import save_file
+    temporary sibling folder that then replaces ``directory`` (other files already there are kept).
 
+    An empty existing folder (such as the temporary folder of :func:`s2i.checkpoint.write_atomic`) holds
+    nothing to protect: the files are written straight into it, the config last, so that a crash
+    leaves no sibling folder behind and never a ``config.json`` beside incomplete weights.
+    """
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     target = Path(directory)
+    if target.is_dir() and not any(target.iterdir()):
+        _write_model(model, target, extra)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "version": VERSION, "model": to_dict(model.config), "extra": extra or {}}
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
+        _write_model(model, tmp, extra)
         if target.is_dir():
             for item in target.iterdir():  # keep what lives beside the model (gallery, layout ...)
                 if item.name not in (WEIGHTS, CONFIG):
@@ -285,6 +288,15 @@ def save(model: S2I, directory: str | Path, extra: dict[str, Any] | None = None)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _write_model(model: S2I, folder: Path, extra: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "version": VERSION, "model": to_dict(model.config), "extra": extra or {}}
+    (folder / CONFIG).write_text(json.dumps(meta, indent=1))
 
 
 def available_models() -> list[str]:

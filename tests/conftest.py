@@ -123,7 +123,7 @@ def system_read_roots() -> list[Path]:
 class ServedApp:
     root: Path  # everything the fixture made lives under it
     corpus: Path
-    ckpt: Path  # an exported checkpoint folder (model + gallery)
+    ckpt: Path  # an exported checkpoint folder (model + gallery), under the app's runs folder
     demo: object
     url: str
 
@@ -160,7 +160,7 @@ def served_app(tmp_path_factory) -> ServedApp:
 
     root = tmp_path_factory.mktemp("served_app")
     corpus = make_corpus(root / "data" / "shapes", n_images=4, captions_per_image=2, splits=("train", "val", "test"))
-    ckpt = make_checkpoint(root / "ckpt", corpus)
+    ckpt = make_checkpoint(root / "runs" / "fixture" / "best", corpus)  # under runs/: a folder the app may load
     assert cli(["export", str(ckpt), "--data", str(corpus), "--layout", "pca", "--max-clips", "2"]) == 0
     demo = s2i_app.build_demo(str(ckpt), runs_root=root / "runs", data_root=root / "data", export_layout="pca")
     port = free_port()
