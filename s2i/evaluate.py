@@ -81,17 +81,14 @@ def embed_split(model: torch.nn.Module, dataset: PairedDataset, batch_size: int 
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
-    speech = torch.zeros(len(dataset), 0)
-    texts: list[str] = [dataset.utterances[i]["text"] for i in range(len(dataset))]
+    rows, chunks = [], []
     loader = DataLoader(_Speech(dataset), batch_sampler=batches, collate_fn=collate, num_workers=workers)
     for batch in tqdm(loader, desc="speech", disable=not progress, leave=False):
         with autocast:
             out = model.encode_speech_features(batch["audio"].to(device), batch["audio_lengths"].to(device))
-        emb = out.embedding.float().cpu()
-        if speech.shape[1] == 0:
-            speech = torch.zeros(len(dataset), emb.shape[1])
-        speech[batch["index"]] = emb
-    speech = speech[keep]
+        rows.append(batch["index"])
+        chunks.append(out.embedding.float().cpu())
+    speech = torch.cat(chunks)[torch.argsort(torch.cat(rows))]  # back to dataset order (= keep's order)
 
     images = []
     image_loader = DataLoader(torch.utils.data.Subset(dataset.image_dataset(), range(n_images)),
@@ -103,7 +100,7 @@ def embed_split(model: torch.nn.Module, dataset: PairedDataset, batch_size: int 
 
     text_emb = None
     if has_text(model):
-        kept = [texts[i] for i in keep.tolist()]
+        kept = [dataset.utterances[i]["text"] for i in keep.tolist()]
         chunks = []
         for i in range(0, len(kept), batch_size):
             with autocast:
