@@ -319,7 +319,8 @@ def _run_curves(train_rows: list[dict], val_rows: list[dict]) -> tuple[Image.Ima
     fig = _figure(6, 2.6)
     ax = fig.add_subplot()
     if train_rows:
-        ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1, marker="." if len(train_rows) < 50 else None)
+        ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1,
+                marker="." if len(train_rows) < 50 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     loss = _to_image(fig)
@@ -536,8 +537,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
             mark = "✅" if c["image_index"] == i else "❌"
             lines.append(f"{r + 1}. {mark} {float(v):.3f} — “{c.get('text', '')}” ({c.get('speaker', '')})")
             path = g.audio_path(j)
-            players.append(gr.update(value=str(path) if path else None,
-                                     label=f"#{r + 1}: {c.get('text', '')[:60]}" + ("" if path else " (no audio exported)")))
+            label = f"#{r + 1}: {c.get('text', '')[:60]}" + ("" if path else " (no audio exported)")
+            players.append(gr.update(value=str(path) if path else None, label=label))
         players += [gr.update(value=None, label="—")] * (N_CAPTION_PLAYERS - len(players))
         return (s.image_file(i), "\n".join(lines), *players)
 
@@ -574,9 +575,10 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         from s2i.analysis.words import code_segments
 
         segs = code_segments(codes_here, units[layer].frame_shift_s)
-        summary += (f"This utterance: {len(segs)} segments of {layer} "
-                    f"({units[layer].frame_shift_s * 1000:.0f} ms frames), {int((counts_here > 0).sum())} distinct codes.")
-        choices = [(f"{c} ({int(counts_here[c])} frames)", int(c)) for c in np.argsort(-counts_here) if counts_here[c] > 0]
+        summary += (f"This utterance: {len(segs)} segments of {layer} ({units[layer].frame_shift_s * 1000:.0f} ms "
+                    f"frames), {int((counts_here > 0).sum())} distinct codes.")
+        choices = [(f"{c} ({int(counts_here[c])} frames)", int(c))
+                   for c in np.argsort(-counts_here) if counts_here[c] > 0]
         utt = {"wave": wave.numpy(), "words": words, "title": title, "units": {
             n: {"codes": u.codes.tolist(), "shift": u.frame_shift_s} for n, u in units.items()}}
         return (picture, hist, summary, gr.update(choices=choices, value=choices[0][1] if choices else None),
@@ -654,7 +656,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                 rows = table.for_code(code).rows(limit=8)
                 if rows:
                     lines.append("\n| word | precision | recall | F1 |\n|---|---|---|---|")
-                    lines += [f"| {r['word']} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} |" for r in rows]
+                    lines += [f"| {r['word']} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} |"
+                              for r in rows]
                 else:
                     lines.append("\nThis code overlaps no content word in the gallery.")
         return (SAMPLE_RATE, here), others_audio, "\n".join(lines)
@@ -689,7 +692,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                          else [modality] * n)
             frames.append(pd.DataFrame({"x": xy[:, 0].numpy(), "y": xy[:, 1].numpy(), "group": [str(v) for v in group],
                                         "item": labels}))
-        note = f"{sum(len(f) for f in frames)} points ({g.meta.get('layout', {}).get('method', '?')} layout made at export)."
+        method = g.meta.get("layout", {}).get("method", "?")
+        note = f"{sum(len(f) for f in frames)} points ({method} layout made at export)."
         if query:
             x, y = g.place(torch.tensor(query["embedding"]))
             frames.append(pd.DataFrame({"x": [x], "y": [y], "group": ["★ query"], "item": [query["label"]]}))
@@ -739,7 +743,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
     # ------------------------------------------------------------------ training
     def train_start(preset, data, epochs, device):
         run_dir = trainer.start(preset, data, epochs, device)
-        return f"Started **{run_dir.name}**: `python -m s2i train {preset} data=… epochs={int(epochs)} device={device}`.", gr.update(active=True)
+        return (f"Started **{run_dir.name}**: `python -m s2i train {preset} data=… epochs={int(epochs)} "
+                f"device={device}`.", gr.update(active=True))
 
     def train_stop():
         if not trainer.stop():
@@ -754,7 +759,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         if val_rows:
             last = val_rows[-1]["val"]
             status += " Last validation: " + ", ".join(
-                f"{d.replace('_to_', '→')} R@10 {last[d]['R@10']:.2f}" for d in ("speech_to_image", "image_to_speech") if d in last)
+                f"{d.replace('_to_', '→')} R@10 {last[d]['R@10']:.2f}"
+                for d in ("speech_to_image", "image_to_speech") if d in last)
         return loss, recall, tail, status, gr.update(active=trainer.running())
 
     def load_run():
@@ -781,13 +787,15 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                 corpus = old.meta["corpus_dir"]
             if not Path(corpus, "corpus.json").is_file():
                 raise _problem(f"{path} has no gallery and no corpus to make one from ({corpus}).")
-            yield (f"Exporting a gallery for {path.name} from {corpus} (minutes on a CPU: embedding the test split, fitting the UMAP layout) …", gr.update(),
+            yield (f"Exporting a gallery for {path.name} from {corpus} (minutes on a CPU: embedding the test "
+                   "split, fitting the UMAP layout) …", gr.update(),
                    gr.update(), gr.update())
             argv = [sys.executable, "-m", "s2i", "export", str(path), "--data", str(corpus), "--split", "test",
                     "--max-clips", "0", "--layout", export_layout]
             done = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True)
             if done.returncode != 0:
-                raise _problem(f"export failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+                last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+                raise _problem(f"export failed: {last}")
         loaded = Loaded.open(str(path), None)
         if loaded.model is None:
             raise _problem(" ".join(loaded.problems))
@@ -929,7 +937,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                 t_preset = gr.Dropdown(presets, value="rnn_vq_small" if "rnn_vq_small" in presets else presets[0],
                                        label="Preset")
                 corpora = trainer.corpora()
-                t_data = gr.Dropdown(corpora, value=corpora[0] if corpora else None, label="Data (prepared corpora in data/)")
+                t_data = gr.Dropdown(corpora, value=corpora[0] if corpora else None,
+                                     label="Data (prepared corpora in data/)")
                 t_epochs = gr.Number(value=2, precision=0, minimum=1, maximum=1000, label="Epochs")
                 t_device = gr.Dropdown(Trainer.devices(), value="cpu", label="Device")
             with gr.Row():
@@ -962,7 +971,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
 
         # ------------------------------------------------------------------ events
         heavy = dict(concurrency_limit=2, concurrency_id="model")
-        speech_btn.click(search_speech, [query_audio, top_k], [results, query_spec, search_status, result_ids, query_state],
+        speech_btn.click(search_speech, [query_audio, top_k],
+                         [results, query_spec, search_status, result_ids, query_state],
                          api_name="search_speech", **heavy)
         text_btn.click(search_text, [query_text, top_k], [results, search_status, result_ids, query_state],
                        api_name="search_text", **heavy)
@@ -983,16 +993,17 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         code_btn.click(code_info, [utt_state, layer, code], [code_here, code_elsewhere, code_md], api_name="code_info",
                        **heavy)
         layout_btn.click(embeddings, [color_by, query_state], [layout_plot, layout_md], api_name="embeddings")
-        mm_btn.click(matchmap, [mm_audio, query_state, mm_image, mm_time], [mm_overall, mm_at, mm_curve, mm_md, mm_time],
-                     api_name="matchmap", **heavy)
-        mm_time.release(matchmap, [mm_audio, query_state, mm_image, mm_time], [mm_overall, mm_at, mm_curve, mm_md, mm_time],
-                        api_visibility="private", trigger_mode="always_last", **heavy)
+        mm_inputs = [mm_audio, query_state, mm_image, mm_time]
+        mm_outputs = [mm_overall, mm_at, mm_curve, mm_md, mm_time]
+        mm_btn.click(matchmap, mm_inputs, mm_outputs, api_name="matchmap", **heavy)
+        mm_time.release(matchmap, mm_inputs, mm_outputs, api_visibility="private", trigger_mode="always_last", **heavy)
         t_start.click(train_start, [t_preset, t_data, t_epochs, t_device], [t_status, timer], api_name="train_start")
         t_stop.click(train_stop, None, [t_status], api_name="train_stop")
         timer.tick(train_poll, None, [t_loss, t_recall, t_log, t_status, timer], api_name="train_progress")
         t_load.click(load_run, None, [t_status, header, layer, color_by], api_name="train_load")
         ckpt_btn.click(load_checkpoint, [ckpt_path], [t_status, header, layer, color_by], api_name="load_checkpoint")
-        eval_btn.click(evaluate_model, [eval_recompute], [eval_table, eval_md, eval_cases, eval_cases_md, *eval_players],
+        eval_btn.click(evaluate_model, [eval_recompute],
+                       [eval_table, eval_md, eval_cases, eval_cases_md, *eval_players],
                        api_name="evaluate", **heavy)
         demo.queue(default_concurrency_limit=4, max_size=64)
     demo.s2i_loaded = lambda: app["loaded"]  # type: ignore[attr-defined]  # for tests and allowed_paths

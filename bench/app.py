@@ -61,7 +61,8 @@ def make_standin(folder: Path) -> Path:
 
     corpus = synthetic.generate(folder / "corpus", size="small")
     cfg, _ = preset("rnn_vq_small")
-    cfg.text.vocab = list(Tokenizer.from_texts([r["text"] for r in read_split(corpus, "train")], level=cfg.text.arch).vocab)
+    texts = [r["text"] for r in read_split(corpus, "train")]
+    cfg.text.vocab = list(Tokenizer.from_texts(texts, level=cfg.text.arch).vocab)
     ckpt = s2i.save(s2i.build_model(cfg).eval(), folder / "ckpt")
     if cli(["export", str(ckpt), "--data", str(corpus), "--split", "test"]) != 0:
         raise SystemExit("export of the stand-in failed")
@@ -79,7 +80,7 @@ def five_second_query(gallery_dir: Path, out: Path, seconds: float = 5.0) -> Pat
     g = Gallery.load(gallery_dir)
     pieces, total, j = [], 0, 0
     while total < seconds * 16000:
-        utt = synthesize(g.captions[j % g.num_captions]["text"], voice="en-gb-scotland", variant="m7")
+        utt = synthesize(g.captions[j % g.num_captions]["text"], voice="en-gb-scotland", variant="benjamin")
         wave = to_mono_16k(utt.audio, utt.sample_rate).numpy()
         pieces += [wave, np.zeros(3200, np.float32)]
         total += len(wave) + 3200
@@ -94,7 +95,8 @@ def main() -> int:
     parser.add_argument("--checkpoint", default="default")
     parser.add_argument("--gallery", default=None)
     parser.add_argument("--queries", type=int, default=30)
-    parser.add_argument("--standin", action="store_true", help="build an untrained stand-in if the checkpoint is missing")
+    parser.add_argument("--standin", action="store_true",
+                        help="build an untrained stand-in if the checkpoint is missing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -6,8 +6,9 @@ microphone button, searches, and expects that image in the top 5. It also saves 
 tab into ``docs/screenshots/``.
 
 With the trained default checkpoint (``checkpoints/default`` and its exported gallery; or any trained
-checkpoint with a gallery named by ``$S2I_BROWSER_CHECKPOINT``) the test checks retrieval; without it, it runs the same steps on a small untrained model and checks only that the
-recording reached the server whole (a random model retrieves at random).
+checkpoint with a gallery named by ``$S2I_BROWSER_CHECKPOINT``) the test checks retrieval; without it,
+it runs the same steps on a small untrained model and checks only that the recording reached the
+server whole (a random model retrieves at random).
 
 Run with: ``bash scripts/test.sh -m browser tests/test_browser.py``
 """
@@ -28,7 +29,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 DEFAULT = ROOT / "checkpoints" / "default"
-QUERY_VOICE = ("en-gb-scotland", "m7")  # an accent and variant for test queries
+QUERY_VOICE = ("en-gb-scotland", "benjamin")  # a voice variant the built-in corpus never uses
 
 
 def _playwright():

@@ -40,7 +40,8 @@ def _draw(colour: str, shape: str, size: int = 64) -> Image.Image:
     return im
 
 
-def make_corpus(root: Path, n_images: int = 8, captions_per_image: int = 2, splits: tuple[str, ...] = ("test",)) -> Path:
+def make_corpus(root: Path, n_images: int = 8, captions_per_image: int = 2,
+                splits: tuple[str, ...] = ("test",)) -> Path:
     """A prepared corpus (docs/DESIGN.md format) of coloured shapes with spoken, word-aligned captions."""
     from s2i.audio import to_mono_16k
     from s2i.datasets.speech_synthesis import synthesize
