@@ -159,7 +159,7 @@ def test_tiny_training_run_learns_far_above_chance(corpus, tmp_path):
 
     out = tmp_path / "run"
     t0 = time.perf_counter()
-    best = train(tiny_train(corpus, out, epochs=6, tensorboard=True), tiny_model())
+    best = train(tiny_train(corpus, out, epochs=6, tensorboard=True, grad_clip=5.0), tiny_model())
     seconds = time.perf_counter() - t0
     lines = _lines(out / "metrics.jsonl")
     vals = [r for r in lines if "val" in r]
@@ -170,7 +170,7 @@ def test_tiny_training_run_learns_far_above_chance(corpus, tmp_path):
     assert final["image_to_speech"]["R@10"] > 0.8, final
     assert final["speech_to_image"]["R@1"] > 0.2, final
     steps = [r for r in lines if "loss" in r]
-    assert steps[0]["step"] == 1 and {"epoch", "loss", "lr", "retrieval_loss", "vq_loss"} <= set(steps[0])
+    assert steps[0]["step"] == 1 and {"epoch", "loss", "lr", "retrieval_loss", "vq_loss", "grad_norm"} <= set(steps[0])
     assert np.mean([r["loss"] for r in steps[-8:]]) < np.mean([r["loss"] for r in steps[:8]])
     assert lines[-1]["event"] == "finished"
     # best/ is a plain model folder chosen by mean R@10; last/ holds the full training state
@@ -251,7 +251,8 @@ def test_sigterm_finishes_the_step_and_checkpoints(corpus, tmp_path):
 
 
 def test_warm_start_without_vq_into_vq(corpus, tmp_path):
-    train(tiny_train(corpus, tmp_path / "plain", epochs=1, eval_every=0), tiny_model())
+    # (the seed's unbucketed batches, loaded by a worker process)
+    train(tiny_train(corpus, tmp_path / "plain", epochs=1, eval_every=0, bucket=False, workers=1), tiny_model())
     cfg = tiny_train(corpus, tmp_path / "vq", epochs=1, eval_every=0, init_from=str(tmp_path / "plain"), max_steps=1,
                      lr=1e-12, min_lr=1e-12)
     train(cfg, tiny_model(vq=True))
