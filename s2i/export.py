@@ -63,27 +63,40 @@ def embed_images(model, files: list[Path], batch_size: int = 64,
     return torch.cat(out)
 
 
+def read_caption(path: str | Path) -> torch.Tensor:
+    """A corpus caption as 16 kHz mono; silent or cut files are embedded as they are, without warnings."""
+    from s2i.audio import load_audio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_audio(path, max_seconds=None)
+
+
 @torch.no_grad()
-def embed_captions(model, waveforms: list[torch.Tensor], batch_size: int = 32
-                   ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]], dict[str, float]]:
-    """Speech embeddings ``(N, D)``, each caption's VQ codes per layer, and each layer's frame shift."""
+def embed_captions(model, files: list[Path], batch_size: int = 32
+                   ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]], dict[str, float], list[float]]:
+    """Speech embeddings ``(N, D)``, each caption's VQ codes per layer, each layer's frame shift, and each
+    caption's duration in seconds. Files are read a batch at a time (a split's audio need not fit in memory)."""
     codes: dict[str, list[torch.Tensor | None]] = {}
     shifts: dict[str, float] = {}
+    seconds = [0.0] * len(files)
     has_vq = "1" in (model.config.speech.vq_positions or "")
-    # similar lengths together: less padding (the model's result never depends on it)
-    order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
+    # similar lengths together (file size as the proxy): less padding, which never changes a result
+    order = sorted(range(len(files)), key=lambda i: os.path.getsize(files[i]))
     by_index: dict[int, torch.Tensor] = {}
     for a, b in _batches(len(order), batch_size, "captions"):
         idx = order[a:b]
-        batch = [waveforms[i] for i in idx]
+        batch = [read_caption(files[i]) for i in idx]
+        for i, wave in zip(idx, batch):
+            seconds[i] = len(wave) / 16000
         by_index.update(zip(idx, model.encode_speech(batch, sample_rate=16000).float().cpu()))
         if has_vq:
             for i, units in zip(idx, model.units(batch, sample_rate=16000)):
                 for name, seq in units.items():
-                    codes.setdefault(name, [None] * len(waveforms))[i] = seq.codes.long().flatten().cpu()
+                    codes.setdefault(name, [None] * len(files))[i] = seq.codes.long().flatten().cpu()
                     shifts[name] = float(seq.frame_shift_s)
-    embeddings = torch.stack([by_index[i] for i in range(len(waveforms))])
-    return embeddings, codes, shifts
+    embeddings = torch.stack([by_index[i] for i in range(len(files))])
+    return embeddings, codes, shifts, seconds
 
 
 @torch.no_grad()
@@ -194,8 +207,6 @@ def export(model, corpus_dir: str | Path, out_dir: str | Path, split: str = "tes
     ``max_images`` > 0 keeps only the first images of the split (and their captions). Returns a report
     (counts, seconds, bytes per file).
     """
-    from s2i.audio import load_audio
-
     started = time.perf_counter()
     corpus_dir, out_dir = Path(corpus_dir).resolve(), Path(out_dir)
     info = read_corpus(corpus_dir)
@@ -231,12 +242,8 @@ def export(model, corpus_dir: str | Path, out_dir: str | Path, split: str = "tes
         features = lambda i: dataset.image(position[image_ids[i]])  # noqa: E731
     image_emb = embed_images(model, image_files, features=features)
 
-    waveforms = []
-    for r in tqdm(records, desc="reading audio", unit="utt", leave=False):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # silent/truncated corpus files still get embedded
-            waveforms.append(load_audio(info.audio_path(r), max_seconds=None))
-    speech_emb, codes, shifts = embed_captions(model, waveforms)
+    audio_files = [info.audio_path(r) for r in records]
+    speech_emb, codes, shifts, seconds = embed_captions(model, audio_files)
     texts = [r.get("text", "") for r in records]
     text_emb = embed_texts(model, texts) if getattr(model, "text", None) is not None else None
 
@@ -258,10 +265,10 @@ def export(model, corpus_dir: str | Path, out_dir: str | Path, split: str = "tes
         clip = None
         if j in clips:
             clip = f"{AUDIO_DIR}/{j:06d}.ogg"
-            write_clip(waveforms[j], out_dir / clip)
+            write_clip(read_caption(audio_files[j]), out_dir / clip)
         captions.append({"utt_id": r["utt_id"], "image_index": int(caption_image[j]), "text": r.get("text", ""),
                          "speaker": r.get("speaker", ""), "audio": r["audio"], "clip": clip,
-                         "seconds": round(len(waveforms[j]) / 16000, 3), "words": r.get("words", [])})
+                         "seconds": round(seconds[j], 3), "words": r.get("words", [])})
 
     packed = {}
     for name, seqs in codes.items():
