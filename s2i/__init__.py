@@ -5,13 +5,13 @@
     speech = model.encode_speech(waveform, sample_rate=16000)
     images = model.encode_image(pil_images)
     text = model.encode_text(["a red circle above a blue square"])
-    scores, index = s2i.search(speech, images, k=5)
+    scores, index = model.search(speech, images, k=5)   # top-5 images per spoken query
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "save", "build_model", "available_models", "search"]
+__all__ = ["load", "save", "build_model", "available_models"]
 
 
 def __getattr__(name: str):
@@ -20,8 +20,4 @@ def __getattr__(name: str):
         from s2i import model
 
         return getattr(model, name)
-    if name == "search":
-        from s2i.search import search
-
-        return search
     raise AttributeError(f"module 's2i' has no attribute {name!r}")

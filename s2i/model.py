@@ -224,6 +224,18 @@ class S2I(nn.Module):
         with self._grad():
             return self.text(ids.to(self.device), lengths.to(self.device))
 
+    # ------------------------------------------------------------------ search
+    @staticmethod
+    def search(queries: torch.Tensor, gallery: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` gallery rows for each query by dot product: ``(scores, indices)``, each ``(Q, k)``.
+
+        Embeddings from any two ``encode_*`` methods can be compared (speech -> image, image -> speech,
+        text -> image, ...). For large galleries use :class:`s2i.search.Index` (approximate search).
+        """
+        from s2i.search import search
+
+        return search(queries, gallery, k)
+
 
 # ---------------------------------------------------------------------------------------------
 # building, saving, loading

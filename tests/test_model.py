@@ -251,3 +251,12 @@ def test_models_without_text_or_pixels_say_so(tmp_path):
     assert m.image_map(torch.randn(1, 12)) is None
     with pytest.raises(Exception, match="text.vocab is empty"):
         M.build_model(dataclasses.replace(cfg, text=TextConfig()))
+
+
+def test_search_method_ranks_by_dot_product():
+    from s2i.model import S2I
+
+    gallery = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+    scores, idx = S2I.search(gallery[[3, 7]], gallery, k=3)
+    assert idx[:, 0].tolist() == [3, 7]
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])
