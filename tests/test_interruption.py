@@ -121,8 +121,11 @@ def _train(config: Path) -> subprocess.Popen:
 def _wait_for(proc: subprocess.Popen, condition, poll: float) -> bool:
     """Poll until ``condition()`` (True) or the process ends (False)."""
     while proc.poll() is None:
-        if condition():
-            return True
+        try:
+            if condition():
+                return True
+        except (OSError, ValueError):  # a file being replaced or a metric line being written
+            pass
         time.sleep(poll)
     return False
 
@@ -145,16 +148,19 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(corpus
     kills, completed, log = 0, 0, []
     for attempt in range(20):
         strategy = plan[kills] if kills < len(plan) else "none"
+        started_at = time.time()
         proc = _train(config)
         t0 = time.perf_counter()
-        logged = max([r["step"] for r in lines(cut / "metrics.jsonl") if "loss" in r] or [0])
+        # where this run resumes: its metric lines beyond that step are new (it first drops the older ones)
+        resumed = checkpoint.load(cut / "last")["step"] if (cut / "last").exists() or (cut / "last.old").exists() else 0
         if strategy == "startup":  # somewhere in imports / data loading / model building
             delay = rng.uniform(0.5, 0.5 * baseline_s)
             hit = _wait_for(proc, lambda: time.perf_counter() - t0 > delay, 0.05)
         elif strategy == "step":
-            target = int(rng.integers(logged + 1, total_steps)) if logged + 1 < total_steps else total_steps
-            hit = _wait_for(proc, lambda: any(r.get("step", 0) >= target and "loss" in r
-                                              for r in lines(cut / "metrics.jsonl")), 0.02)
+            target = int(rng.integers(resumed + 1, total_steps)) if resumed + 1 < total_steps else total_steps
+            metrics = cut / "metrics.jsonl"
+            hit = _wait_for(proc, lambda: metrics.exists() and metrics.stat().st_mtime > started_at and any(
+                r.get("step", 0) >= target and "loss" in r for r in lines(metrics)), 0.02)
             if hit:
                 time.sleep(rng.uniform(0, 0.3))
         elif strategy == "checkpoint-write":  # the moment a checkpoint folder starts to be written
@@ -170,7 +176,8 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(corpus
             kills += 1
             found = check_checkpoints_load(cut)  # never half-written
             state = checkpoint.load(cut / "last")["step"] if found and "last" in found[0] else None
-            log.append(f"kill {kills} ({strategy}) after {time.perf_counter() - t0:.1f} s: on disk {found}, "
+            log.append(f"kill {kills} ({strategy}{f' at step {target}' if strategy == 'step' else ''}) after "
+                       f"{time.perf_counter() - t0:.1f} s: on disk {found}, "
                        f"last/ at step {state}, leftovers {leftovers(cut)}")
             continue
         stderr = proc.communicate(timeout=600)[1]
