@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -205,6 +206,7 @@ def main() -> int:
     finally:
         if demo is not None:
             demo.close()
+        shutil.rmtree(work, ignore_errors=True)
     result["load_average"] = [round(x, 1) for x in os.getloadavg()]
     if args.json:
         print(json.dumps(result, indent=1))

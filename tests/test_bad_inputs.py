@@ -601,3 +601,19 @@ def test_a_failed_checkpoint_load_leaves_no_temporary_folder(ctx, tmp_path):
     with pytest.raises(AppError, match="truncated or corrupt"):
         ctx["client"].predict(bad, api_name="/load_checkpoint")
     assert set(Path(tempfile.gettempdir()).glob("s2i-app-*")) == before
+
+
+def test_the_file_audit_sees_reads_writes_and_renames(file_audit, tmp_path):
+    """Control for the audit above: Python-level reads, writes, renames and removals are all seen."""
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("x")
+    with file_audit.recording():
+        (outside / "secret.txt").read_text()
+        (outside / "new.bin").write_bytes(b"1")
+        (outside / "new.bin").rename(outside / "moved.bin")
+        (outside / "moved.bin").unlink()
+        (inside / "fine.txt").write_text("ok")
+    assert file_audit.outside(file_audit.reads, [inside]) == [outside / "secret.txt"]
+    assert file_audit.outside(file_audit.writes, [inside]) == [outside / "moved.bin", outside / "new.bin"]
