@@ -174,7 +174,7 @@ def write_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
     old = target.with_name(target.name + ".old")
     if old.exists() and target.exists():
         shutil.rmtree(old)  # leftover of a crash after the new checkpoint was in place
-    for stale in parent.glob("ckpt.tmp-*"):
+    for stale in [*parent.glob("ckpt.tmp-*"), *parent.glob(".ckpt.tmp-*")]:  # (the second: s2i.model.save's)
         shutil.rmtree(stale, ignore_errors=True)  # leftovers of interrupted writes: never complete
     tmp = Path(tempfile.mkdtemp(prefix="ckpt.tmp-", dir=parent))
     try:
