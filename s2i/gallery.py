@@ -64,6 +64,7 @@ class Gallery:
     @classmethod
     def load(cls, root: str | Path, corpus: str | Path | None = None) -> "Gallery":
         """Read a gallery folder; ``corpus`` overrides where the originals are looked for."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         root = Path(root)
@@ -75,27 +76,35 @@ class Gallery:
             meta = json.loads((root / JSON_FILE).read_text())
         except json.JSONDecodeError as exc:
             raise GalleryError(f"{root / JSON_FILE} is not valid JSON: {exc}") from None
-        if meta.get("format") != FORMAT:
-            raise GalleryError(f"{root / JSON_FILE} is not an s2i gallery (format {meta.get('format')!r})")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise GalleryError(f"{root / JSON_FILE} is not an s2i gallery (format {found!r})")
         if meta.get("version", 0) > VERSION:
             raise GalleryError(f"{root / JSON_FILE} has version {meta['version']}; this s2i reads up to {VERSION}")
-        tensors = load_file(str(root / TENSORS_FILE))
-        images, captions = meta.pop("images"), meta.pop("captions")
-        codes = {}
-        for name in meta.get("code_frame_shift_s", {}):
-            codes[name] = (tensors[f"codes.{name}"].long(), tensors[f"codes.{name}.offsets"].long())
-        gallery = cls(
-            root=root,
-            image_embeddings=tensors["image_embeddings"].float(),
-            speech_embeddings=tensors["speech_embeddings"].float(),
-            text_embeddings=tensors["text_embeddings"].float() if "text_embeddings" in tensors else None,
-            caption_image=tensors["caption_image"].long(),
-            images=images,
-            captions=captions,
-            layout={m: tensors[f"layout.{m}"].float() for m in MODALITIES if f"layout.{m}" in tensors},
-            codes=codes,
-            meta=meta,
-        )
+        try:
+            tensors = load_file(str(root / TENSORS_FILE))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise GalleryError(f"{root / TENSORS_FILE} is truncated or corrupt ({exc}); re-export the gallery with "
+                               f"`python -m s2i export {root} --data CORPUS --split test`") from None
+        try:
+            images, captions = meta.pop("images"), meta.pop("captions")
+            codes = {}
+            for name in meta.get("code_frame_shift_s", {}):
+                codes[name] = (tensors[f"codes.{name}"].long(), tensors[f"codes.{name}.offsets"].long())
+            gallery = cls(
+                root=root,
+                image_embeddings=tensors["image_embeddings"].float(),
+                speech_embeddings=tensors["speech_embeddings"].float(),
+                text_embeddings=tensors["text_embeddings"].float() if "text_embeddings" in tensors else None,
+                caption_image=tensors["caption_image"].long(),
+                images=images,
+                captions=captions,
+                layout={m: tensors[f"layout.{m}"].float() for m in MODALITIES if f"layout.{m}" in tensors},
+                codes=codes,
+                meta=meta,
+            )
+        except KeyError as exc:
+            raise GalleryError(f"{root}: the gallery lacks {exc}; re-export it") from None
         if corpus is not None:
             gallery.meta["corpus_dir"] = str(Path(corpus).resolve())
         else:
