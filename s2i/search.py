@@ -216,6 +216,7 @@ class Index:
     @classmethod
     def load(cls, directory: str | Path) -> "Index":
         """Read an index written by :meth:`save` (the faiss part is rebuilt if its file is missing)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -225,11 +226,19 @@ class Index:
             meta = json.loads((directory / JSON_FILE).read_text())
         except json.JSONDecodeError as exc:
             raise SearchError(f"{directory / JSON_FILE} is not valid JSON: {exc}") from None
-        if meta.get("format") != FORMAT:
-            raise SearchError(f"{directory / JSON_FILE} is not an s2i index (format {meta.get('format')!r})")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise SearchError(f"{directory / JSON_FILE} is not an s2i index (format {found!r})")
         if meta.get("version", 0) > VERSION:
             raise SearchError(f"{directory / JSON_FILE} has version {meta['version']}; this s2i reads up to {VERSION}")
-        vectors = load_file(str(directory / VECTORS_FILE))["vectors"]
+        missing = [key for key in ("method", "size", "dim", "nlist", "nprobe", "ids") if key not in meta]
+        if missing:
+            raise SearchError(f"{directory / JSON_FILE} lacks {missing}; save the index again")
+        try:
+            vectors = load_file(str(directory / VECTORS_FILE))["vectors"]
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            raise SearchError(f"{directory / VECTORS_FILE} is truncated or corrupt ({exc}); save the index again") \
+                from None
         if tuple(vectors.shape) != (meta["size"], meta["dim"]):
             raise SearchError(f"{directory}: {VECTORS_FILE} holds {tuple(vectors.shape)}, "
                               f"{JSON_FILE} says ({meta['size']}, {meta['dim']})")
@@ -237,7 +246,10 @@ class Index:
         if meta["method"] == "ivf" and faiss_file.is_file():
             index = cls(vectors, meta["ids"], method="exact")  # cheap; the faiss part is read below
             index.method, index.nlist = "ivf", meta["nlist"]
-            index._faiss = _import_faiss().read_index(str(faiss_file))
+            try:
+                index._faiss = _import_faiss().read_index(str(faiss_file))
+            except RuntimeError as exc:  # faiss reports a broken file as a RuntimeError
+                raise SearchError(f"{faiss_file} is truncated or corrupt ({exc}); delete it to rebuild") from None
             if index._faiss.ntotal != len(vectors) or index._faiss.nlist != index.nlist:
                 raise SearchError(f"{faiss_file} does not match {JSON_FILE} and {VECTORS_FILE}; delete it to rebuild")
             index.nprobe = meta["nprobe"]
@@ -285,16 +297,22 @@ def add_arguments(parser) -> None:
 
 
 def _embeddings_file(path: Path) -> tuple[Tensor, list | None]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        keys, metadata = list(f.keys()), f.metadata() or {}
-        matrices = [key for key in keys if len(f.get_slice(key).get_shape()) == 2]
-        key = "embeddings" if "embeddings" in keys else (matrices[0] if len(matrices) == 1 else None)
-        if key is None:
-            raise SearchError(f"{path} holds {keys}; name the gallery tensor 'embeddings' (N, D)")
-        vectors = f.get_tensor(key)
-    ids = json.loads(metadata["ids"]) if "ids" in metadata else None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys, metadata = list(f.keys()), f.metadata() or {}
+            matrices = [key for key in keys if len(f.get_slice(key).get_shape()) == 2]
+            key = "embeddings" if "embeddings" in keys else (matrices[0] if len(matrices) == 1 else None)
+            if key is None:
+                raise SearchError(f"{path} holds {keys}; name the gallery tensor 'embeddings' (N, D)")
+            vectors = f.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise SearchError(f"{path} is truncated or corrupt ({exc})") from None
+    try:
+        ids = json.loads(metadata["ids"]) if "ids" in metadata else None
+    except json.JSONDecodeError as exc:
+        raise SearchError(f"{path}: the metadata key 'ids' is not a JSON list ({exc})") from None
     return vectors, ids
 
 
