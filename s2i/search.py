@@ -317,8 +317,9 @@ def _embeddings_file(path: Path) -> tuple[Tensor, list | None]:
 
 
 def _image_folder(path: Path, model, batch_size: int = 32) -> tuple[Tensor, list[str]]:
-    from PIL import Image
     from tqdm import tqdm
+
+    from s2i.encoders.image import open_image
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
@@ -326,7 +327,7 @@ def _image_folder(path: Path, model, batch_size: int = 32) -> tuple[Tensor, list
     chunks = []
     with torch.no_grad():
         for start in tqdm(range(0, len(files), batch_size), desc="embedding images", unit="batch"):
-            images = [Image.open(f).convert("RGB") for f in files[start:start + batch_size]]
+            images = [open_image(f) for f in files[start:start + batch_size]]  # ImageError says which file
             chunks.append(model.encode_image(images).cpu())
     return torch.cat(chunks), [str(f.relative_to(path)) for f in files]
 
@@ -372,13 +373,9 @@ def _embed_query(model, args) -> tuple[Tensor, str]:
             if not args.text.strip():
                 raise SearchError("the --text query is empty")
             return model.encode_text([args.text]), "text"
-        from PIL import Image, UnidentifiedImageError
+        from s2i.encoders.image import open_image
 
-        try:
-            image = Image.open(args.image).convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-            raise SearchError(f"cannot read the image {args.image}: {exc}") from None
-        return model.encode_image([image]), "image"
+        return model.encode_image([open_image(args.image)]), "image"  # ImageError (a ValueError) on a bad file
 
 
 def main(args) -> int:
