@@ -371,9 +371,6 @@ KNOWN_BUGS = {
     ("python_tag.yaml", "cli"): "s2i/train.py build_configs: yaml ConstructorError escapes (traceback); "
                                 "wrap YAMLError in ConfigError (safe_load refuses the tag: no code runs)",
     ("python_tag.yaml", "api"): "s2i/train.py build_configs raises yaml.YAMLError, not a ValueError subclass",
-    ("decompression_bomb.png", "search-cli"): "s2i/search.py _embed_query opens --image with PIL itself and catches "
-                                              "OSError only: DecompressionBombError escapes (traceback); use "
-                                              "s2i.encoders.image.open_image (ImageError), also in _image_folder",
 }
 
 
