@@ -373,9 +373,13 @@ def _embed_query(model, args) -> tuple[Tensor, str]:
             if not args.text.strip():
                 raise SearchError("the --text query is empty")
             return model.encode_text([args.text]), "text"
-        from s2i.encoders.image import open_image
+        from s2i.encoders.image import ImageError, open_image
 
-        return model.encode_image([open_image(args.image)]), "image"  # ImageError (a ValueError) on a bad file
+        try:
+            image = open_image(args.image)  # refuses decompression bombs from the header
+        except ImageError as exc:
+            raise SearchError(f"cannot read the image: {exc}") from None
+        return model.encode_image([image]), "image"
 
 
 def main(args) -> int:
