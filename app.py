@@ -16,10 +16,12 @@ One model and gallery are loaded per app and shared by every visitor; loading an
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +62,21 @@ def _problem(message: str) -> gr.Error:
 # =============================================================================================
 # What the app has loaded
 # =============================================================================================
+_scratch_lock = threading.Lock()
+_scratch_root: Path | None = None
+
+
+def _scratch_folder(prefix: str) -> Path:
+    """A new folder inside this process's one temporary folder (``s2i-app-*``, made when first needed,
+    removed when the process exits)."""
+    global _scratch_root
+    with _scratch_lock:
+        if _scratch_root is None or not _scratch_root.is_dir():
+            _scratch_root = Path(tempfile.mkdtemp(prefix="s2i-app-"))
+            atexit.register(shutil.rmtree, _scratch_root, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=_scratch_root))
+
+
 @dataclass
 class Loaded:
     """The model and gallery the app serves, and caches derived from them."""
@@ -68,7 +85,7 @@ class Loaded:
     gallery: Any = None
     checkpoint: str = ""
     problems: list[str] = field(default_factory=list)
-    thumbs_dir: Path | None = None
+    thumbs_dir: Path | None = None  # made when the first thumbnail is written (see image_file)
     _thumb_files: dict[int, str] = field(default_factory=dict)
     _word_tables: dict[str, Any] = field(default_factory=dict)
 
@@ -110,9 +127,14 @@ class Loaded:
                 state.problems.append(f"the gallery's embeddings are {state.gallery.image_embeddings.shape[1]}-d but "
                                       f"the model's are {dim}-d: re-export the gallery with this checkpoint")
                 state.gallery = None
-        if state.gallery is not None:
-            state.thumbs_dir = Path(tempfile.mkdtemp(prefix="s2i-app-"))
         return state
+
+    def close(self) -> None:
+        """Remove the thumbnails written for this gallery (Gradio has copied those it served into its cache)."""
+        folder, self.thumbs_dir = self.thumbs_dir, None
+        self._thumb_files.clear()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     # ------------------------------------------------------------------ guards
     def need_model(self):
@@ -133,6 +155,8 @@ class Loaded:
         if path is not None:
             return str(path)
         if i not in self._thumb_files:
+            if self.thumbs_dir is None:
+                self.thumbs_dir = _scratch_folder("thumbs-")
             out = self.thumbs_dir / f"{i:06d}.png"
             g.thumbnail(i).save(out)
             self._thumb_files[i] = str(out)
@@ -798,8 +822,10 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                 raise _problem(f"export failed: {last}")
         loaded = Loaded.open(str(path), None)
         if loaded.model is None:
+            loaded.close()
             raise _problem(" ".join(loaded.problems))
-        app["loaded"] = loaded
+        old, app["loaded"] = app["loaded"], loaded
+        old.close()
         layers = loaded.vq_layers()
         yield (f"Loaded {path}.", loaded.describe(), gr.update(choices=layers, value=layers[0] if layers else None),
                gr.update(choices=color_choices(), value="modality"))

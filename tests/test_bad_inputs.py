@@ -587,9 +587,6 @@ def test_cli_subprocess_exit_code_and_one_line(name, ctx, tmp_path):
     assert re.search(case.expected("cli"), outcome.message), outcome.message
 
 
-@pytest.mark.xfail(strict=False, reason="app.py Loaded.open makes a thumbnail folder (tempfile.mkdtemp 's2i-app-*') "
-                   "for every gallery it opens, also when the model then fails to load, and never removes it: each "
-                   "/load_checkpoint call leaks one; make it when first needed and remove the old one on switching")
 def test_a_failed_checkpoint_load_leaves_no_temporary_folder(ctx, tmp_path):
     from gradio_client.exceptions import AppError
 
