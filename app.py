@@ -203,6 +203,12 @@ class Loaded:
         return [f"vq{p}" for p, c in enumerate(positions) if c == "1"]
 
 
+def _shown(path: Path) -> str:
+    """``path`` as a visitor should see it: relative to the app's folder when inside it."""
+    real = Path(path).resolve()
+    return str(real.relative_to(ROOT)) if real.is_relative_to(ROOT) else str(real)
+
+
 def _checkpoint_folder(checkpoint: str | Path) -> Path | None:
     """The folder ``s2i.load`` would read for ``checkpoint`` (a name under checkpoints/ or a path)."""
     path = Path(checkpoint)
@@ -506,6 +512,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
 
     app = {"loaded": Loaded.open(checkpoint, gallery, device)}
     trainer = Trainer(Path(runs_root or ROOT / "runs"), Path(data_root or ROOT / "data"))
+    started_with = None if isinstance(checkpoint, torch.nn.Module) else _checkpoint_folder(checkpoint)
     threading.Thread(target=_warm_up, args=(app["loaded"],), daemon=True).start()
 
     def cur() -> Loaded:
@@ -793,6 +800,14 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
             raise _problem("No finished run with a checkpoint yet.")
         yield from load_checkpoint(str(folder))
 
+    def loadable(path: Path) -> bool:
+        """Whether a visitor may load (and export a gallery into) ``path``: folders under checkpoints/ or
+        the runs folder, and the checkpoint the app was started with; nothing else on the server."""
+        real = path.resolve()
+        if started_with is not None and real == started_with.resolve():
+            return True
+        return any(real.is_relative_to(root.resolve()) for root in (ROOT / "checkpoints", trainer.runs_root))
+
     def load_checkpoint(folder):
         """Load a checkpoint folder into every tab; exports its gallery first if it has none."""
         from s2i.evaluate import default_data
@@ -800,8 +815,11 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
 
         folder = (folder or "").strip()
         path = _checkpoint_folder(folder) if folder else None
-        if path is None or not (path / "config.json").is_file():
-            raise _problem(f"{folder!r} is not a checkpoint folder (model.safetensors + config.json).")
+        # one message whether the folder is missing or outside: the box does not tell what exists elsewhere
+        if path is None or not loadable(path) or not (path / "config.json").is_file():
+            roots = " or ".join(f"{_shown(root)}/" for root in (ROOT / "checkpoints", trainer.runs_root))
+            raise _problem(f"{folder!r} is not a checkpoint folder under {roots} "
+                           "(a folder with model.safetensors + config.json).")
         if find_gallery(path) is None:
             # the test split of the corpus the model was trained on, else the current gallery's corpus
             old = cur().gallery

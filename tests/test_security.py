@@ -275,9 +275,6 @@ def test_what_reaches_subprocess_is_an_argument_list(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("pwned")) and not (REPO / "pwned").exists()
 
 
-@pytest.mark.xfail(strict=False, reason="app.py load_checkpoint: the 'load any checkpoint folder' box loads any folder "
-                   "on the server (and exports a gallery into it, writing there) for every visitor; restrict it to "
-                   "folders under checkpoints/ and the runs folder (resolve(), then is_relative_to)")
 def test_load_checkpoint_stays_inside_checkpoints_and_runs(served_app, tmp_path):
     from gradio_client.exceptions import AppError
 
