@@ -52,6 +52,7 @@ QUIET_PEAK = 1e-3  # a recording whose loudest sample is under -60 dBFS holds no
 MAX_UPLOAD = "25mb"
 N_CAPTION_PLAYERS = 5
 BROWSE_SIZE = 24
+EXPORT_TIMEOUT_S = 3600  # a gallery export started from the app is stopped after this long
 
 
 def _problem(message: str) -> gr.Error:
@@ -834,7 +835,12 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                    gr.update(), gr.update())
             argv = [sys.executable, "-m", "s2i", "export", str(path), "--data", str(corpus), "--split", "test",
                     "--max-clips", "0", "--layout", export_layout]
-            done = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True)
+            try:
+                done = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise _problem(f"exporting the gallery took over {EXPORT_TIMEOUT_S // 60} minutes and was stopped; "
+                               f"run `python -m s2i export {path} --data {corpus} --split test` yourself, "
+                               "then load the folder again.") from None
             if done.returncode != 0:
                 last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
                 raise _problem(f"export failed: {last}")
