@@ -3,6 +3,7 @@
     python bench/costs.py                                  # merkx2021_rnn, resdavenet_vq_small (+ FLOPs of harwath2020_resdavenet_vq)
     python bench/costs.py --mfu 0.3 --gpu a100 --json runs/bench/costs.json
     python bench/costs.py --cpu-utt-per-s merkx2021_rnn=1.2   # take a CPU rate from bench/train_throughput.py instead
+    python bench/costs.py --reuse runs/bench/costs.json --mfu 0.1   # same counts and rates, other assumptions
 
 What is MEASURED here, on this machine:
   * FLOPs of one training step (speech encoder + image encoder + loss, forward + backward) per
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-steps", type=int, default=3, help="timed steps per preset after one warm-up (best is used)")
     p.add_argument("--cpu-utt-per-s", default="", help="take these CPU rates (at --cpu-seconds) instead of measuring, "
                    "e.g. merkx2021_rnn=1.3,resdavenet_vq_small=40")
+    p.add_argument("--reuse", default="", help="take FLOPs and CPU rates from an earlier --json output instead of "
+                   "counting and measuring again (to re-derive under other assumptions)")
     p.add_argument("--gpu", default="a100", choices=sorted(GPUS), help="GPU whose peak the derivation uses")
     p.add_argument("--mfu", type=float, default=0.30, help="assumed model FLOP utilisation on the GPU (default 0.30)")
     p.add_argument("--min-step-ms", type=float, default=15.0,
@@ -186,21 +189,30 @@ def main(argv: list[str] | None = None) -> int:
                                      "ddp_efficiency": args.ddp_efficiency, "min_step_ms": args.min_step_ms,
                                      "corpora": [c.__dict__ for c in CORPORA]},
                      "presets": {}}
+    earlier = json.loads(Path(args.reuse).read_text())["presets"] if args.reuse else {}
     for name in measured + flops_only:
         t0 = time.perf_counter()
         trainer = Trainer(name)
-        fixed, per_second = flops_line(trainer)
+        if name in earlier:
+            old = earlier[name]
+            fixed, per_second = old["flops_per_utt_fixed"], old["flops_per_utt_per_second"]
+            if name in measured and "cpu" in old and name not in given_rates:
+                given_rates[name] = old["cpu"]["utt_per_s"]
+        else:
+            fixed, per_second = flops_line(trainer)
         entry = {"speech_params": trainer.speech_params(), "image_params": trainer.image_params(),
                  "epochs": trainer.epochs, "batch_size": trainer.batch_size,
                  "flops_per_utt_fixed": fixed, "flops_per_utt_per_second": per_second,
+                 "flops_source": f"reused from {args.reuse}" if name in earlier else "counted",
                  "flops_counted_in_s": round(time.perf_counter() - t0, 1)}
         print(f"\n{name}: speech {entry['speech_params'] / 1e6:.1f}M + image {entry['image_params'] / 1e6:.1f}M params; "
-              f"train step FLOPs per utterance (measured, counted) = {fixed / 1e9:.2f} G + {per_second / 1e9:.2f} G per "
+              f"train step FLOPs per utterance ({entry['flops_source']}) = {fixed / 1e9:.2f} G + {per_second / 1e9:.2f} G per "
               f"second of speech ({(fixed + per_second * args.cpu_seconds) / 1e9:.1f} G at {args.cpu_seconds} s)", flush=True)
         cpu = None
         if name in measured:
             if name in given_rates:
-                cpu = {"utt_per_s": given_rates[name], "seconds": args.cpu_seconds, "source": "--cpu-utt-per-s"}
+                cpu = {"utt_per_s": given_rates[name], "seconds": args.cpu_seconds,
+                       "source": f"reused from {args.reuse}" if name in earlier else "--cpu-utt-per-s"}
             else:
                 batch = int(cpu_batch.get(name, trainer.batch_size))
                 cpu = measure_cpu(trainer, args.cpu_seconds, batch, args.cpu_steps)
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_flops = (fixed + per_second * args.cpu_seconds) * cpu["utt_per_s"]
             cpu["achieved_gflops"] = cpu_flops / 1e9
             entry["cpu"] = cpu
-            print(f"  CPU ({cpu['source']}): {cpu['utt_per_s']:.2f} utt/s at {args.cpu_seconds} s"
+            print(f"  CPU ({cpu['source']}): {cpu['utt_per_s']:.3g} utt/s at {args.cpu_seconds} s"
                   + (f", batch {cpu['batch']}, best of {cpu['steps']} steps {cpu['best_step_s']:.2f} s"
                      if cpu["source"] == "measured" else "")
                   + f" = {cpu_flops / 1e9:.1f} GFLOP/s achieved", flush=True)
