@@ -184,8 +184,8 @@ def main() -> int:
                 continue
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"{name:<20} {batching:<11} batch {r['batch_size']:>3}  {r['epoch_utterances_per_s']:8.1f} utt/s (epoch)"
-                  f"  {r['utterances_per_s']:8.1f} utt/s (measured, {r['steps']} steps)  padding {100 * r['padding_fraction']:4.1f}%"
+            print(f"{name:<20} {batching:<11} batch {r['batch_size']:>3}  {r['epoch_utterances_per_s']:8.3g} utt/s (epoch)"
+                  f"  {r['utterances_per_s']:8.3g} utt/s (measured, {r['steps']} steps)  padding {100 * r['padding_fraction']:4.1f}%"
                   f"  peak RSS {r['peak_rss_MB']:7.0f} MB (+{r['rss_growth_MB']:.0f})"
                   + (f"  peak GPU {r['peak_gpu_MB']:.0f} MB" if "peak_gpu_MB" in r else ""), flush=True)
     if results:
