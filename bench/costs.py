@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                    "e.g. merkx2021_rnn=1.3,resdavenet_vq_small=40")
     p.add_argument("--reuse", default="", help="take FLOPs and CPU rates from an earlier --json output instead of "
                    "counting and measuring again (to re-derive under other assumptions)")
+    p.add_argument("--remeasure", action="store_true", help="with --reuse: measure the CPU again (FLOPs reused)")
     p.add_argument("--gpu", default="a100", choices=sorted(GPUS), help="GPU whose peak the derivation uses")
     p.add_argument("--mfu", type=float, default=0.30, help="assumed model FLOP utilisation on the GPU (default 0.30)")
     p.add_argument("--min-step-ms", type=float, default=15.0,
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in earlier:
             old = earlier[name]
             fixed, per_second = old["flops_per_utt_fixed"], old["flops_per_utt_per_second"]
-            if name in measured and "cpu" in old and name not in given_rates:
+            if name in measured and "cpu" in old and name not in given_rates and not args.remeasure:
                 given_rates[name] = old["cpu"]["utt_per_s"]
         else:
             fixed, per_second = flops_line(trainer)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in measured:
             if name in given_rates:
                 cpu = {"utt_per_s": given_rates[name], "seconds": args.cpu_seconds,
-                       "source": f"reused from {args.reuse}" if name in earlier else "--cpu-utt-per-s"}
+                       "source": f"reused from {args.reuse}" if name in earlier and not args.remeasure else "--cpu-utt-per-s"}
             else:
                 batch = int(cpu_batch.get(name, trainer.batch_size))
                 cpu = measure_cpu(trainer, args.cpu_seconds, batch, args.cpu_steps)
