@@ -26,8 +26,9 @@ Distributed data parallel (DDP): launch one process per GPU with torchrun; nothi
 ``batch_size`` is the *global* batch. Every process builds the same global batches and embeds its
 own slice; embeddings are gathered so that the in-batch loss sees the whole global batch (contrastive
 losses depend on the negatives in the batch), and each process back-propagates only through its own
-rows. The gradients are then summed across processes, so a DDP run takes the same steps as one process
-with the same batch size (up to float rounding). VQ layers all-reduce their codebook statistics
+rows. The encoders' gradients are then summed across processes (the temperature's, which every process
+has in full, averaged), so a DDP run takes the same steps as one process with the same batch size (up to
+float rounding). VQ layers all-reduce their codebook statistics
 themselves; BatchNorm statistics stay per process (averaged before validation and checkpoints).
 CPU processes use the gloo backend, GPUs NCCL.
 
@@ -161,18 +162,25 @@ def gather_rows(x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients across processes with one flat all-reduce (parameters without a gradient in
-    this step have none in any process and stay untouched, as in a single process)."""
+def sum_gradients(params: list[torch.nn.Parameter], complete: tuple[torch.nn.Parameter, ...] = ()) -> None:
+    """Combine the gradients of all processes with one flat all-reduce.
+
+    Each process computed the whole global-batch loss but back-propagated only through its own rows,
+    so encoder gradients are partial and are summed. Parameters in ``complete`` enter the loss itself
+    (the InfoNCE temperature): every process already has their full gradient, so they are averaged.
+    Parameters without a gradient this step have none in any process and stay untouched.
+    """
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return
     flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
     dist.all_reduce(flat)
     offset = 0
+    world = dist.get_world_size()
     for p in with_grad:
         n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        grad = flat[offset:offset + n].view_as(p.grad)
+        p.grad.copy_(grad / world if any(p is c for c in complete) else grad)
         offset += n
 
 
@@ -432,7 +440,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if world > 1:
-                    sum_gradients(params)
+                    sum_gradients(params, complete=(logit_scale,))
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None)
                 optimizer.step()
                 step += 1

@@ -329,8 +329,9 @@ def feature_corpus(tmp_path_factory) -> Path:
 
 
 def test_ddp_two_processes_equal_one(feature_corpus, tmp_path):
+    # grad_clip far above the norm: no clipping, but the global gradient norm is logged every step
     cfg = _yaml_config(feature_corpus, tmp_path / "one", batch_size=20, epochs=1, max_steps=3, eval_every=0,
-                       image_input="resnet18-center", loss="infonce", schedule="constant")
+                       image_input="resnet18-center", loss="infonce", schedule="constant", grad_clip=1e6)
     cfg["model"]["image"] = {"arch": "linear", "in_dim": 512}
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -351,9 +352,14 @@ def test_ddp_two_processes_equal_one(feature_corpus, tmp_path):
             # the attention's output bias shifts every frame's score equally: the softmax over time
             # cancels it, its gradient is 0 up to rounding, and Adam turns rounding noise into +-lr steps
             continue
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-4, msg=k)
-    # the loss of every step (process 0 logs the global batch's loss) is the same, and it moves
-    la = [r["loss"] for r in _lines(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
-    lb = [r["loss"] for r in _lines(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
-    assert len(la) == 3 and la == pytest.approx(lb, rel=1e-5)
-    assert la[0] != pytest.approx(la[2], rel=1e-3)
+        # (3 Adam steps of lr 3e-3 move weights by up to 9e-3; rounding noise in near-zero gradients
+        # can move a few by up to ~1e-4 differently)
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=5e-4, msg=k)
+    # every step's loss (process 0 logs the global batch's) and global gradient norm are the same:
+    # Adam is blind to the gradient's scale, the norm is not (summed, not averaged, across processes)
+    one_steps = [r for r in _lines(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    two_steps = [r for r in _lines(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
+    assert len(one_steps) == len(two_steps) == 3
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in one_steps] == pytest.approx([r[key] for r in two_steps], rel=1e-4), key
+    assert one_steps[0]["loss"] != pytest.approx(one_steps[2]["loss"], rel=1e-3)
