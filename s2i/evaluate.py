@@ -133,7 +133,12 @@ def retrieval_scores(model: torch.nn.Module, dataset: PairedDataset, batch_size:
 # checkpoints on disk
 # ---------------------------------------------------------------------------------------------
 def model_folder(path: str | Path) -> Path:
-    """A model folder for ``path``: itself, or a run folder's ``best/`` (else ``last/``)."""
+    """A model folder for ``path``: itself, a run folder's ``best/`` (else ``last/``), or an installed
+    model's folder for a name such as ``"default"`` (see ``s2i.model.available_models``)."""
+    from s2i.model import CHECKPOINTS, available_models
+
+    if not Path(path).exists() and str(path) in available_models():
+        return CHECKPOINTS / str(path)
     path = Path(path)
     if (path / "config.json").is_file() or not path.is_dir():
         return path

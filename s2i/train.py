@@ -598,5 +598,6 @@ def main(args: argparse.Namespace) -> int:
     log.info("model: %s", result.model)
     if dist.is_initialized():
         dist.destroy_process_group()
-    # stopped by a signal: the shell's 128 + signal number, so job schedulers see an unfinished run
-    return {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}.get(result.stopped_by or "", 0)
+    # stopped by SIGTERM / Ctrl-C: 130, as every interrupted s2i command (s2i.cli), so that job
+    # schedulers and the app see an unfinished run; finished or stopped at max_steps: 0
+    return 130 if result.stopped_by in ("SIGTERM", "SIGINT") else 0

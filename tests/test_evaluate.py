@@ -119,3 +119,15 @@ def test_embed_cli_writes_vectors_with_their_inputs(trained, tmp_path):
     torch.testing.assert_close(load_file(str(tmp_path / "t.safetensors"))["embeddings"],
                                model.encode_text(["red and blue"]))
     assert cli(["embed", str(run), "--audio", str(tmp_path / "missing.wav"), "--out", str(out)]) == 1
+
+
+def test_an_installed_model_name_evaluates_like_its_folder(trained, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import s2i.model
+
+    corpus, run = trained
+    shutil.copytree(run / "best", tmp_path / "mine")
+    monkeypatch.setattr(s2i.model, "CHECKPOINTS", tmp_path)
+    assert cli(["evaluate", "mine", "--split", "test", "--json"]) == 0  # the corpus comes from its config.json
+    assert json.loads(capsys.readouterr().out) == evaluate(run / "best", corpus, split="test")
