@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from s2i.model import CheckpointError
@@ -246,4 +247,9 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path} is not an s2i training state (format {meta.get('format')!r})")
     if meta.get("version", 0) > VERSION:
         raise CheckpointError(f"{meta_path} has version {meta['version']}; this s2i reads up to {VERSION}")
-    return unflatten(load_file(str(tensor_path)), meta["state"])
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{tensor_path} is truncated or corrupt ({exc}); resume from an earlier copy "
+                              "or start the run afresh") from None
+    return unflatten(tensors, meta["state"])

@@ -262,9 +262,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     of them for a fresh run), so that metrics.jsonl tells one consistent history."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill or a full disk
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)  # never a half-rewritten history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +558,10 @@ def build_configs(config: str | None, overrides: list[str]) -> tuple[TrainConfig
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"config file {config} not found")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:  # syntax errors, and tags like !!python/... that safe_load refuses
+            raise ConfigError(f"{config} is not a valid YAML config: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{config}: expected a mapping of training keys (plus 'preset' and 'model')")
         name = data.pop("preset", DEFAULT_PRESET)

@@ -217,9 +217,6 @@ def _copy(run_dir: Path, to: Path) -> Path:
     return to
 
 
-@pytest.mark.xfail(strict=False, reason="s2i/train.py _truncate_metrics json.loads every line of metrics.jsonl: a "
-                   "torn last line (disk full, power loss) makes --resume fail with JSONDecodeError; skip lines "
-                   "that do not parse (and rewrite the file atomically: write_text truncates first)")
 def test_resume_after_a_half_written_metrics_line(two_step_run, tmp_path, corpus):
     out = _copy(two_step_run, tmp_path / "run")
     with open(out / "metrics.jsonl", "a") as f:
