@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Rebuild checkpoints/default from scratch: the built-in corpus, training (configs/default.yaml),
+# the app's gallery (embeddings, UMAP layout, thumbnails, clips) and the evaluation report.
+# CPU: uses every core; on a GPU machine add `device=cuda` after the config (it is picked up by `auto` too).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/python -m pip install -q -r requirements.txt; }
+export GRADIO_ANALYTICS_ENABLED=False MPLBACKEND=Agg
+$PY -m s2i prepare synthetic --out data/synthetic-default --size default
+rm -rf runs/default
+$PY -m s2i train configs/default.yaml "$@"
+rm -rf checkpoints/default && mkdir -p checkpoints/default
+cp runs/default/best/model.safetensors runs/default/best/config.json checkpoints/default/
+$PY -m s2i export checkpoints/default --data data/synthetic-default --split test
+du -sh checkpoints/default
+$PY -m s2i evaluate default --split test --json
