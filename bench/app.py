@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import machine, machine_line  # noqa: E402
+from common import machine, machine_line, make_standin  # noqa: E402
 
 
 def free_port() -> int:
@@ -48,25 +48,6 @@ def rss_mb(pid: int) -> tuple[float, float]:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-
-
-def make_standin(folder: Path) -> Path:
-    """The small built-in corpus + an untrained rnn_vq_small, exported (for when no trained model exists)."""
-    import s2i
-    from s2i.cli import main as cli
-    from s2i.config import preset
-    from s2i.datasets import synthetic
-    from s2i.datasets.corpus import read_split
-    from s2i.encoders.text import Tokenizer
-
-    corpus = synthetic.generate(folder / "corpus", size="small")
-    cfg, _ = preset("rnn_vq_small")
-    texts = [r["text"] for r in read_split(corpus, "train")]
-    cfg.text.vocab = list(Tokenizer.from_texts(texts, level=cfg.text.arch).vocab)
-    ckpt = s2i.save(s2i.build_model(cfg).eval(), folder / "ckpt")
-    if cli(["export", str(ckpt), "--data", str(corpus), "--split", "test"]) != 0:
-        raise SystemExit("export of the stand-in failed")
-    return ckpt
 
 
 def five_second_query(gallery_dir: Path, out: Path, seconds: float = 5.0) -> Path:

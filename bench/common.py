@@ -71,5 +71,25 @@ def machine_line(m: dict | None = None) -> str:
             f"numpy {m['numpy']}, python {m['python']}, {gpu}")
 
 
+def make_standin(folder: Path, layout: str = "umap") -> Path:
+    """The small built-in corpus + an untrained rnn_vq_small, exported with a ``layout`` (umap or pca):
+    a stand-in of the bundled model's size class for when no trained model exists."""
+    import s2i
+    from s2i.cli import main as cli
+    from s2i.config import preset
+    from s2i.datasets import synthetic
+    from s2i.datasets.corpus import read_split
+    from s2i.encoders.text import Tokenizer
+
+    corpus = synthetic.generate(folder / "corpus", size="small")
+    cfg, _ = preset("rnn_vq_small")
+    texts = [r["text"] for r in read_split(corpus, "train")]
+    cfg.text.vocab = list(Tokenizer.from_texts(texts, level=cfg.text.arch).vocab)
+    ckpt = s2i.save(s2i.build_model(cfg).eval(), folder / "ckpt")
+    if cli(["export", str(ckpt), "--data", str(corpus), "--split", "test", "--layout", layout]) != 0:
+        raise SystemExit("export of the stand-in failed")
+    return ckpt
+
+
 if __name__ == "__main__":
     print(machine_line())

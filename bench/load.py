@@ -131,25 +131,6 @@ def limits(demo) -> dict[str, Any]:
     return out
 
 
-def make_standin(folder: Path) -> Path:
-    """The small built-in corpus + an untrained rnn_vq_small, exported with a PCA layout (no UMAP JIT)."""
-    import s2i
-    from s2i.cli import main as cli
-    from s2i.config import preset
-    from s2i.datasets import synthetic
-    from s2i.datasets.corpus import read_split
-    from s2i.encoders.text import Tokenizer
-
-    corpus = synthetic.generate(folder / "corpus", size="small")
-    cfg, _ = preset("rnn_vq_small")
-    texts = [r["text"] for r in read_split(corpus, "train")]
-    cfg.text.vocab = list(Tokenizer.from_texts(texts, level=cfg.text.arch).vocab)
-    ckpt = s2i.save(s2i.build_model(cfg).eval(), folder / "ckpt")
-    if cli(["export", str(ckpt), "--data", str(corpus), "--split", "test", "--layout", "pca"]) != 0:
-        raise SystemExit("export of the stand-in failed")
-    return ckpt
-
-
 def a_query(gallery_dir: Path, out: Path, seconds: float = 3.0) -> Path:
     """A gallery caption's audio (or the first ``seconds`` of it), as a WAV file to upload."""
     import soundfile
@@ -189,9 +170,12 @@ def main() -> int:
             raise SystemExit("--url needs --audio")
     else:
         sys.path.insert(0, str(ROOT))
-        import app as s2i_app
+        import app as s2i_app  # the top-level app.py, before bench/ joins the path (bench/app.py)
 
-        ckpt = make_standin(work) if args.standin else (args.checkpoint or "default")
+        sys.path.append(str(ROOT / "bench"))
+        from common import make_standin
+
+        ckpt = make_standin(work, layout="pca") if args.standin else (args.checkpoint or "default")
         demo = s2i_app.build_demo(str(ckpt))
         if demo.s2i_loaded().gallery is None:
             raise SystemExit(f"no gallery loaded: {demo.s2i_loaded().describe()}")
