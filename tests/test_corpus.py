@@ -376,3 +376,22 @@ def test_image_feature_cache_with_user_weights(tmp_path, corpus):
     tds = PairedDataset(corpus, "val", image_input="resnet18")
     assert tds[0]["image"].shape == (512,) and not torch.allclose(tds[0]["image"], vec)
     assert collate([tds[0], tds[1]])["image"].shape == (2, 512)
+
+
+def test_cache_is_found_through_relative_and_absolute_corpus_paths(tmp_path, monkeypatch):
+    from s2i.datasets import cache
+    from s2i.datasets.corpus import read_corpus, read_split
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "audio").mkdir()
+    (corpus / "images").mkdir()
+    record = {"utt_id": "u0", "image_id": "i0", "image": "i0.png", "audio": "u0.wav", "text": "x", "speaker": "s"}
+    write_corpus(corpus, Manifest("toy", {"train": [record]}, "images", "audio"))
+    monkeypatch.chdir(tmp_path)
+    by_rel, by_abs = read_corpus("corpus"), read_corpus(corpus.resolve())
+    records = read_split(corpus, "train")
+    assert cache._audio_fingerprint(by_rel, records, "mfcc") == cache._audio_fingerprint(by_abs, records, "mfcc")
+    images = cache.unique_image_records(records)
+    assert (cache._image_fingerprint(by_rel, images, "pixels", {"image_size": 8})
+            == cache._image_fingerprint(by_abs, images, "pixels", {"image_size": 8}))

@@ -77,12 +77,23 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _root_key(info: CorpusInfo, root: Path) -> str:
+    """A data root as the fingerprint sees it: relative to the corpus folder when inside it, so that
+    ``data/x`` and ``/abs/path/data/x`` name the same cache."""
+    root = Path(root).resolve()
+    try:
+        return root.relative_to(Path(info.root).resolve()).as_posix()
+    except ValueError:
+        return str(root)
+
+
 def _audio_fingerprint(info: CorpusInfo, records: Sequence[dict], features: str) -> str:
-    return _fingerprint("audio", features, str(info.audio_root), [(r["utt_id"], r["audio"]) for r in records])
+    return _fingerprint("audio", features, _root_key(info, info.audio_root), [(r["utt_id"], r["audio"]) for r in records])
 
 
 def _image_fingerprint(info: CorpusInfo, image_records: Sequence[dict], kind: str, params: dict) -> str:
-    return _fingerprint(kind, params, str(info.image_root), [(r["image_id"], r["image"]) for r in image_records])
+    return _fingerprint(kind, params, _root_key(info, info.image_root),
+                        [(r["image_id"], r["image"]) for r in image_records])
 
 
 def unique_image_records(records: Sequence[dict]) -> list[dict]:
