@@ -245,8 +245,11 @@ def test_sigterm_finishes_the_step_and_checkpoints(corpus, tmp_path):
     # resuming continues from that step (in this process: a second interpreter start costs seconds)
     result = run(*build_configs(str(config), [f"max_steps={state['step'] + 2}"]), resume=True)
     assert not result.finished and result.stopped_by == "max_steps"
-    assert checkpoint.load(out / "last")["step"] == state["step"] + 2
-    assert _lines(metrics)[-1] == {"event": "stopped", "epoch": state["epoch"], "step": state["step"] + 2,
+    resumed = checkpoint.load(out / "last")
+    assert resumed["step"] == state["step"] + 2
+    # the end line names the epoch the run would continue in: the next one when the two extra steps
+    # finished an epoch (SIGTERM landed on one of its last two batches), as the checkpoint says
+    assert _lines(metrics)[-1] == {"event": "stopped", "epoch": resumed["epoch"], "step": state["step"] + 2,
                                    "reason": "max_steps"}
 
 
