@@ -129,6 +129,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation runs
     val_max_images: int = 0  # 0 = the whole validation split
     augment: str = ""  # comma-separated waveform augmentations, e.g. "noise,speed,telephone,reverb"
+    feature_augment: str = ""  # augmentations of cached feature batches, e.g. "specaugment" or "vtlp,tmask"
     init_from: str = ""  # warm start: load matching weights from this checkpoint (e.g. VQ {} -> {3})
     max_frames: int = 2048  # longer utterances are cropped (with a warning at prepare time)
     log_every: int = 50  # steps between metric lines

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from s2i import checkpoint
 from s2i.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, from_dict, preset, to_dict
-from s2i.datasets.augment import from_spec
+from s2i.datasets.augment import FeatureAugment, from_spec
 from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSampler, collate
 from s2i.evaluate import mean_r10, model_folder, retrieval_scores
 from s2i.losses import build_loss
@@ -347,6 +347,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
         # warm start (e.g. VQ {} -> {3}): matching weights are copied, new VQ layers start by k-means
         load_matching(model, read_weights(model_folder(cfg.init_from), device=device))
     params = [p for p in model.parameters() if p.requires_grad]
+    feature_augment = FeatureAugment(cfg.feature_augment, features).to(device) if cfg.feature_augment else None
     if cfg.optimizer != "adam":
         raise ConfigError(f"optimizer {cfg.optimizer!r} is not supported; use adam (the seed found SGD 'terrible')")
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -358,10 +359,12 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     logit_scale = getattr(model, "logit_scale", None)
 
     epoch, batch_in_epoch, step, best = 0, 0, 0, -1.0
+    elapsed_before = 0.0  # training wall time of earlier processes of this run (before a resume)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         loss_rng.set_state(state["loss_rng"].to(loss_rng.get_state().device))
         epoch, batch_in_epoch, step, best = state["epoch"], state["batch"], state["step"], state["best"]
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         if main:
             checkpoint.set_rng_state(state["rng"])
         log.info("resumed %s at epoch %d, batch %d (step %d)", out, epoch, batch_in_epoch, step)
@@ -395,13 +398,19 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
             "format": 1, "model_config": to_dict(model_cfg), "train_config": to_dict(cfg),
             "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(), "loss_rng": loss_rng.get_state(),
             "epoch": epoch + 1 if finished_epoch else epoch, "batch": 0 if finished_epoch else batch_in_epoch,
-            "step": step, "best": best, "world_size": world,
+            "step": step, "best": best, "world_size": world, "elapsed_s": elapsed(),
         }
         checkpoint.save(last_dir, training_state, model=model, extra=model_extra())
 
     def model_extra(val: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"data": str(Path(cfg.data).resolve()), "epoch": epoch, "step": step, "val": val,
                 "train_config": to_dict(cfg)}
+
+    t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        """Wall seconds of training so far, across resumes: what 'time to reach R@10 0.9' is measured in."""
+        return elapsed_before + time.perf_counter() - t_start
 
     # -- the loop ------------------------------------------------------------------------------
     stop = StopRequest()
@@ -430,6 +439,10 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 audio = batch["audio"].to(device, non_blocking=True)
                 lengths = batch["audio_lengths"].to(device, non_blocking=True)
                 image = batch["image"].to(device, non_blocking=True)
+                # each process adds its share of the VQ loss, weighted by its share of the frames
+                frame_share = float(lengths.sum()) / float(train_set.lengths[global_idx].sum()) if world > 1 else 1.0
+                if feature_augment is not None:
+                    audio, lengths = feature_augment(audio, lengths)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                     speech = model.encode_speech_features(audio, lengths)
                     img = model.encode_image(image)
@@ -437,8 +450,6 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 img_all = gather_rows(img.float(), sizes, rank)
                 cap_all = gather_rows(speech.embedding.float(), sizes, rank)
                 retrieval = loss_fn(img_all, cap_all, image_ids, logit_scale)
-                # each process adds its share of the VQ loss, weighted by its share of the frames
-                frame_share = float(lengths.sum()) / float(train_set.lengths[global_idx].sum()) if world > 1 else 1.0
                 loss = retrieval + speech.vq_loss.float() * frame_share
                 text_loss = None
                 if use_text:
@@ -471,7 +482,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                     now = time.perf_counter()
                     record = {"step": step, "epoch": epoch + batch_in_epoch / len(batches), "lr": lr,
                               **{k: v / window_n for k, v in window.items()},
-                              "utt_per_s": utts / max(now - t_window, 1e-9)}
+                              "utt_per_s": utts / max(now - t_window, 1e-9), "elapsed_s": round(elapsed(), 1)}
                     _jsonl(metrics_path, record)
                     if writer is not None:
                         for k, v in record.items():
@@ -497,7 +508,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                     val = retrieval_scores(model, val_set, batch_size=cfg.eval_batch_size,
                                            max_images=cfg.val_max_images, amp=use_amp)
                     val["mean_R@10"] = mean_r10(val)
-                    _jsonl(metrics_path, {"epoch": epoch + 1, "step": step, "val": val})
+                    _jsonl(metrics_path, {"epoch": epoch + 1, "step": step, "val": val, "elapsed_s": round(elapsed(), 1)})
                     if writer is not None:
                         for direction, scores in val.items():
                             if isinstance(scores, dict):

@@ -143,3 +143,85 @@ def test_bad_specs_say_what_is_accepted(spec, message):
 def test_empty_wave_is_refused():
     with pytest.raises(AugmentError, match="empty"):
         add_noise(np.zeros(0, np.float32), 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# feature-space augmentation
+# ---------------------------------------------------------------------------------------------
+def _padded(lengths: list[int], dim: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), max(lengths), dim, generator=g)
+    lengths_t = torch.tensor(lengths)
+    x *= (torch.arange(max(lengths))[None, :] < lengths_t[:, None])[..., None]
+    return x, lengths_t
+
+
+def test_feature_augment_is_identity_in_eval_mode_and_at_unit_factors():
+    from s2i.datasets.augment import FeatureAugment
+
+    x, lengths = _padded([50, 30, 7])
+    aug = FeatureAugment("specaugment").eval()
+    y, out_lengths = aug(x, lengths)
+    assert y is x and out_lengths is lengths
+    y, out_lengths = FeatureAugment("vtlp:1.0,tempo:1.0,fmask:0,tmask:0")(x, lengths)
+    assert torch.equal(out_lengths, lengths)
+    torch.testing.assert_close(y, x, atol=1e-4, rtol=0)
+
+
+def test_tempo_resamples_time_and_lengths():
+    from s2i.datasets.augment import FeatureAugment
+
+    ramp = torch.arange(40, dtype=torch.float32)[None, :, None].expand(2, 40, 3).clone()
+    ramp[1, 20:] = 0
+    lengths = torch.tensor([40, 20])
+    slow, slow_lengths = FeatureAugment("tempo:0.5")(ramp, lengths)
+    assert slow_lengths.tolist() == [80, 40]
+    torch.testing.assert_close(slow[0, :79, 0], torch.arange(79, dtype=torch.float32) * 0.5)
+    assert slow[1, 40:].abs().sum() == 0  # padding stays zero
+    fast, fast_lengths = FeatureAugment("tempo:2.0")(ramp, lengths)
+    assert fast_lengths.tolist() == [20, 10] and fast.shape[1] == 20
+    torch.testing.assert_close(fast[0, :, 0], torch.arange(20, dtype=torch.float32) * 2)
+
+
+def test_vtlp_moves_a_formant_the_right_way():
+    from s2i.datasets.augment import FeatureAugment
+
+    x = torch.zeros(1, 5, 40)
+    x[..., 20] = 1.0  # one bright band
+    longer, _ = FeatureAugment("vtlp:1.1")(x, torch.tensor([5]))  # each band reads 1.1x its frequency
+    shorter, _ = FeatureAugment("vtlp:0.9")(x, torch.tensor([5]))
+    assert longer[0, 0].argmax() < 20 < shorter[0, 0].argmax()
+    assert longer[0, 0].sum() > 0.5 and shorter[0, 0].sum() > 0.5
+    with pytest.raises(AugmentError, match="fbank"):
+        FeatureAugment("vtlp", features="mfcc")
+
+
+def test_masks_zero_exact_widths_and_keep_padding():
+    from s2i.datasets.augment import FeatureAugment
+
+    torch.manual_seed(0)
+    x, lengths = _padded([100, 60, 8])
+    x = x + 5 * (x != 0)  # no value is 0 by chance inside the utterances
+    y, out_lengths = FeatureAugment("fmask:6")(x, lengths)
+    zero_bands = (y == 0).all(dim=1).sum(dim=1)  # bands zero over every frame
+    assert zero_bands.tolist() == [6, 6, 6]
+    y, _ = FeatureAugment("tmask:10")(x, lengths)
+    valid = torch.arange(100)[None, :] < lengths[:, None]
+    zero_frames = ((y == 0).all(dim=2) & valid).sum(dim=1)
+    assert zero_frames.tolist() == [10, 10, 2]  # capped at a quarter of the utterance
+    assert (y[~valid] == 0).all()
+
+
+def test_feature_augment_draws_per_utterance_from_the_global_rng():
+    from s2i.datasets.augment import FeatureAugment
+
+    x, lengths = _padded([60, 60, 60, 60])
+    aug = FeatureAugment("specaugment")
+    torch.manual_seed(3)
+    a, la = aug(x, lengths)
+    torch.manual_seed(3)
+    b, lb = aug(x, lengths)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert len(set(la.tolist())) > 1  # different tempo per utterance
+    with pytest.raises(AugmentError, match="unknown augmentation"):
+        FeatureAugment("noise:10")

@@ -200,7 +200,8 @@ def _same_state(a: Path, b: Path) -> None:
 
 def test_interrupted_then_resumed_equals_uninterrupted(corpus, tmp_path):
     model_cfg = tiny_model(vq=True)
-    kw = dict(epochs=2, eval_every=1, loss="triplet", margin=0.5)  # triplet: draws random negatives too
+    # triplet draws random negatives, feature augmentation random perturbations: both must resume exactly
+    kw = dict(epochs=2, eval_every=1, loss="triplet", margin=0.5, feature_augment="tempo,fmask,tmask")
     train(tiny_train(corpus, tmp_path / "full", **kw), model_cfg)
     # stop mid-epoch 1 (step 5 of 8), resume; then stop again right at the epoch boundary
     cfg = tiny_train(corpus, tmp_path / "cut", max_steps=5, **kw)
@@ -213,7 +214,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(corpus, tmp_path):
     _same_state(tmp_path / "full" / "last", tmp_path / "cut" / "last")
     # metrics.jsonl tells one history: every step once, the same losses, the same validation scores
     def history(run: str) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "utt_per_s"} for r in _lines(tmp_path / run / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if k not in ("utt_per_s", "elapsed_s")} for r in _lines(tmp_path / run / "metrics.jsonl")
                 if "event" not in r]
 
     assert history("full") == history("cut")

@@ -1,4 +1,5 @@
-"""Waveform augmentations: for training, and as test conditions for robustness evaluation.
+"""Augmentations: of waveforms, for training and as test conditions for robustness evaluation, and
+of cached feature batches, for training at no decoding cost.
 
 Plain functions on a 1-D float waveform (a torch tensor; numpy arrays are accepted):
 
@@ -18,6 +19,11 @@ Item syntax: ``name[:value | :low..high][@probability]``; names are ``noise``, `
 ``telephone``, ``reverb``; without a value the range in :data:`DEFAULT_RANGES` is used; without a
 probability the item is applied to every utterance. Random draws come from the ``generator`` given
 to the call, else from torch's global RNG (seeded per DataLoader worker by torch).
+
+:class:`FeatureAugment` (``train feature_augment=...``) perturbs a padded ``(B, T, F)`` feature
+batch per utterance with the same spec syntax: ``vtlp`` (vocal-tract length), ``tempo``, and
+SpecAugment's ``fmask`` / ``tmask``; it reads features from the cache, so it costs nothing like
+decoding and re-featurising every waveform.
 """
 from __future__ import annotations
 
@@ -139,17 +145,18 @@ class _Step:
     probability: float
 
 
-def _parse_item(item: str, default_probability: float) -> _Step:
+def _parse_item(item: str, default_probability: float, ranges: dict[str, tuple[float, float]] = DEFAULT_RANGES,
+                presets: dict[str, str] = PRESETS) -> _Step:
     text, _, prob_text = item.partition("@")
     name, _, value = text.partition(":")
     name = name.strip().lower()
-    if name not in DEFAULT_RANGES:
-        raise AugmentError(f"unknown augmentation {name!r} in {item!r}; choose from {', '.join(DEFAULT_RANGES)} "
-                           f"or a preset ({', '.join(PRESETS)})")
+    if name not in ranges:
+        raise AugmentError(f"unknown augmentation {name!r} in {item!r}; choose from {', '.join(ranges)} "
+                           f"or a preset ({', '.join(presets)})")
     try:
         probability = float(prob_text) if prob_text else default_probability
         if not value:
-            low, high = DEFAULT_RANGES[name]
+            low, high = ranges[name]
         elif ".." in value:
             low, high = (float(v) for v in value.split("..", 1))
         else:
@@ -166,6 +173,15 @@ def _parse_item(item: str, default_probability: float) -> _Step:
     return _Step(name, low, high, probability)
 
 
+def _parse_spec(spec: str, probability: float, ranges: dict[str, tuple[float, float]], presets: dict[str, str],
+                example: str) -> tuple[str, list[_Step]]:
+    spec = presets.get(spec.strip(), spec)
+    items = [item for item in spec.replace(" ", "").split(",") if item]
+    if not items:
+        raise AugmentError(f"empty augmentation spec; e.g. {example}")
+    return spec, [_parse_item(item, probability, ranges, presets) for item in items]
+
+
 class Augment:
     """A chain of waveform augmentations from a spec string (see the module docstring).
 
@@ -174,13 +190,8 @@ class Augment:
     """
 
     def __init__(self, spec: str, probability: float = 1.0, sample_rate: int = SAMPLE_RATE) -> None:
-        spec = PRESETS.get(spec.strip(), spec)
-        items = [item for item in spec.replace(" ", "").split(",") if item]
-        if not items:
-            raise AugmentError("empty augmentation spec; e.g. 'noise:10' or 'noise,speed@0.5'")
-        self.spec = spec
+        self.spec, self.steps = _parse_spec(spec, probability, DEFAULT_RANGES, PRESETS, "'noise:10' or 'noise,speed@0.5'")
         self.sample_rate = sample_rate
-        self.steps = [_parse_item(item, probability) for item in items]
 
     def __call__(self, wave, generator: torch.Generator | None = None) -> torch.Tensor:
         out = _as_wave(wave)
@@ -207,6 +218,113 @@ def from_spec(spec: str) -> Augment:
     return Augment(spec)
 
 
+# ---------------------------------------------------------------------------------------------
+# Feature-space augmentation: on the cached features of a padded batch, at no decoding cost
+# ---------------------------------------------------------------------------------------------
+FEATURE_RANGES: dict[str, tuple[float, float]] = {
+    "vtlp": (0.88, 1.12),  # vocal-tract length factor: the mel spectrum's frequency axis is scaled
+    "tempo": (0.85, 1.15),  # speaking-rate factor: the time axis is resampled (lengths change)
+    "fmask": (0.0, 6.0),  # width in mel bands of one band set to zero (SpecAugment)
+    "tmask": (0.0, 15.0),  # width in frames of one stretch set to zero (SpecAugment)
+}
+FEATURE_PRESETS = {"specaugment": "vtlp,tempo,fmask,fmask,tmask,tmask"}
+
+
+def _slaney_mel(hz: torch.Tensor) -> torch.Tensor:
+    log_part = 15.0 + torch.log(hz.clamp(min=1000.0) / 1000.0) * (27.0 / math.log(6.4))
+    return torch.where(hz < 1000.0, 3.0 * hz / 200.0, log_part)
+
+
+def _slaney_hz(mel: torch.Tensor) -> torch.Tensor:
+    return torch.where(mel < 15.0, 200.0 * mel / 3.0, 1000.0 * torch.exp((mel - 15.0) * (math.log(6.4) / 27.0)))
+
+
+class FeatureAugment(torch.nn.Module):
+    """Random perturbations of a padded feature batch ``(B, T, F)``, per utterance, in training mode.
+
+    Built from a spec with the waveform syntax (``name[:value | :low..high][@probability]``):
+
+    * ``vtlp``: vocal-tract length perturbation: each mel band takes the value of the band at
+      ``factor`` times its centre frequency (log-mel ``fbank`` features only): the same words
+      from a longer or shorter vocal tract, the main difference between voices;
+    * ``tempo``: the time axis resampled by ``factor`` (linear interpolation; lengths change);
+    * ``fmask`` / ``tmask``: SpecAugment's masks: one band or stretch of frames of the given width
+      set to 0, the per-utterance mean of normalised features (list an item twice for two masks).
+
+    ``"specaugment"`` is ``vtlp,tempo,fmask,fmask,tmask,tmask``. Draws come from torch's global
+    RNG, so a seeded, resumed training run draws the same perturbations. In eval mode it returns
+    its input unchanged.
+    """
+
+    def __init__(self, spec: str, features: str = "fbank", probability: float = 1.0,
+                 f_min: float = 20.0, f_max: float = 8000.0) -> None:
+        super().__init__()
+        self.spec, self.steps = _parse_spec(spec, probability, FEATURE_RANGES, FEATURE_PRESETS,
+                                            "'specaugment' or 'vtlp,tmask@0.5'")
+        if features != "fbank" and any(step.name == "vtlp" for step in self.steps):
+            raise AugmentError(f"vtlp scales the mel axis of fbank features; these are {features!r} features "
+                               "(train with model.speech.features=fbank, or leave vtlp out)")
+        self.f_min, self.f_max = f_min, f_max
+
+    def _draw(self, step: _Step, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        value = step.low + (step.high - step.low) * torch.rand(batch)
+        apply = torch.rand(batch) < step.probability
+        return value.to(device), apply.to(device)
+
+    def _vtlp(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        bands = x.shape[-1]
+        lo, hi = _slaney_mel(torch.tensor(self.f_min)), _slaney_mel(torch.tensor(self.f_max))
+        step = (hi - lo) / (bands + 1)
+        centres = lo + step * torch.arange(1, bands + 1, dtype=torch.float32, device=x.device)
+        source_hz = _slaney_hz(centres)[None, :] * factor[:, None]
+        position = ((_slaney_mel(source_hz) - lo) / step - 1.0).clamp(0, bands - 1)  # (B, F) fractional band
+        left = position.floor().long()
+        right = (left + 1).clamp(max=bands - 1)
+        weight = (position - left)[:, None, :]
+        gather = lambda idx: x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))  # noqa: E731
+        return gather(left) * (1 - weight) + gather(right) * weight
+
+    def _tempo(self, x: torch.Tensor, lengths: torch.Tensor, rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new_lengths = (lengths.float() / rate).round().long().clamp(min=1)
+        frames = int(new_lengths.max())
+        position = torch.arange(frames, dtype=torch.float32, device=x.device)[None, :] * rate[:, None]
+        position = torch.minimum(position, (lengths - 1).clamp(min=0)[:, None].float())
+        left = position.floor().long()
+        right = torch.minimum(left + 1, (lengths - 1).clamp(min=0)[:, None])
+        weight = (position - left)[..., None]
+        gather = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))  # noqa: E731
+        out = gather(left) * (1 - weight) + gather(right) * weight
+        valid = torch.arange(frames, device=x.device)[None, :] < new_lengths[:, None]
+        return out * valid[..., None], new_lengths
+
+    @staticmethod
+    def _mask(x: torch.Tensor, width: torch.Tensor, extent: torch.Tensor, axis: int) -> torch.Tensor:
+        width = torch.minimum(width.floor().long(), extent // 4 if axis == 1 else extent)
+        start = (torch.rand(len(width), device=x.device) * (extent - width + 1).float()).floor().long()
+        index = torch.arange(x.shape[axis], device=x.device)[None, :]
+        masked = (index >= start[:, None]) & (index < (start + width)[:, None])
+        return x.masked_fill(masked[:, :, None] if axis == 1 else masked[:, None, :], 0.0)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.training:
+            return x, lengths
+        batch = x.shape[0]
+        for step in self.steps:
+            value, apply = self._draw(step, batch, x.device)
+            if step.name == "vtlp":
+                x = self._vtlp(x, torch.where(apply, value, torch.ones_like(value)))
+            elif step.name == "tempo":
+                x, lengths = self._tempo(x, lengths, torch.where(apply, value, torch.ones_like(value)))
+            else:
+                axis = 1 if step.name == "tmask" else 2
+                extent = lengths if axis == 1 else torch.full_like(lengths, x.shape[2])
+                x = self._mask(x, torch.where(apply, value, torch.zeros_like(value)), extent, axis)
+        return x, lengths
+
+    def extra_repr(self) -> str:
+        return repr(self.spec)
+
+
 def snr_db(clean, noisy) -> float:
     """The SNR of ``noisy`` against ``clean`` (same length), in dB."""
     clean, noisy = _as_wave(clean), _as_wave(noisy)
@@ -220,5 +338,5 @@ def band_energy(wave, sample_rate: int, low: float, high: float) -> float:
     return float(power[..., (freqs >= low) & (freqs < high)].sum() / power.sum().clamp(min=1e-20))
 
 
-__all__ = ["Augment", "AugmentError", "PRESETS", "add_noise", "band_energy", "from_spec", "reverb", "snr_db",
+__all__ = ["Augment", "AugmentError", "FEATURE_PRESETS", "FeatureAugment", "PRESETS", "add_noise", "band_energy", "from_spec", "reverb", "snr_db",
            "speed", "telephone"]
