@@ -342,28 +342,39 @@ def frame_mask(frame_lengths: torch.Tensor, n_frames: int) -> torch.Tensor:
 
 
 def normalize_per_utterance(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Mean/variance normalisation of ``(B, T, F)`` over each utterance's valid frames only."""
-    m = mask[..., None].to(x.dtype)
-    count = m.sum(dim=1, keepdim=True).clamp_min(1.0)
-    mean = (x * m).sum(dim=1, keepdim=True) / count
-    var = ((x - mean) * m).square().sum(dim=1, keepdim=True) / count
-    return (x - mean) / var.sqrt().clamp_min(eps) * m
+    """Mean/variance normalisation of ``(B, T, F)`` over each utterance's valid frames only; padding → 0."""
+    weights = mask.to(x.dtype)[:, None, :]  # (B, 1, T): masked sums over time are batched matmuls
+    count = weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    centred = x - torch.bmm(weights, x) / count
+    std = (torch.bmm(weights, centred.square()) / count).sqrt_().clamp_min_(eps)
+    return zero_padding(centred.div_(std), mask)
+
+
+def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Set the frames of a contiguous ``(B, T, F)`` where ``mask (B, T)`` is False to 0, in place."""
+    padding = (~mask).flatten().nonzero().squeeze(1)
+    x.view(-1, x.shape[-1]).index_fill_(0, padding, 0.0)
+    return x
 
 
 def deltas(x: torch.Tensor, frame_lengths: torch.Tensor, n: int = 2) -> torch.Tensor:
     """Regression deltas over ±n frames (python_speech_features' ``delta``), batched.
 
-    Each utterance is edge-replicated at its own last valid frame, so padding has no effect.
+    Each utterance is edge-replicated at its own last valid frame, so padding has no effect (the
+    result's padded frames hold garbage).
     """
     B, T, F = x.shape
-    t = torch.arange(T, device=x.device)[None, :]
-    last = (frame_lengths - 1).clamp_min(0)[:, None]
-    out = torch.zeros_like(x)
-    for k in range(1, n + 1):
-        ahead = torch.minimum(t + k, last).clamp_max(max(T - 1, 0)).expand(B, T)
-        behind = (t - k).clamp_min(0).expand(B, T)
-        out = out + k * (x.gather(1, ahead[..., None].expand(B, T, F)) - x.gather(1, behind[..., None].expand(B, T, F)))
-    return out / (2 * sum(k * k for k in range(1, n + 1)))
+    if T == 0:
+        return x.clone()
+    # one row gather builds every utterance's edge-replicated copy: its frame t is frame clamp(t − n, 0, last)
+    t = torch.arange(-n, T + n, device=x.device)[None, :]
+    last = (frame_lengths.to(x.device) - 1).clamp(0, T - 1)[:, None]
+    rows = torch.minimum(t.clamp_min(0), last) + T * torch.arange(B, device=x.device)[:, None]
+    padded = x.reshape(B * T, F).index_select(0, rows.flatten()).view(B, T + 2 * n, F)
+    out = padded[:, n + 1:n + 1 + T] - padded[:, n - 1:n - 1 + T]
+    for k in range(2, n + 1):
+        out.add_(padded[:, n + k:n + k + T] - padded[:, n - k:n - k + T], alpha=k)
+    return out.div_(2 * sum(k * k for k in range(1, n + 1)))
 
 
 class _FramedSpectrum(nn.Module):
@@ -425,29 +436,86 @@ class MFCC(_FramedSpectrum):
 
     Matches ``python_speech_features.mfcc(winlen=0.025, winstep=0.01, numcep=13, nfilt=40, nfft=512,
     preemph=0.97, ceplifter=0, appendEnergy=True, winfunc=np.hamming)`` → per-utterance mean/variance
-    normalisation → ``delta(N=2)`` twice (seed-spec §4.1), batched and padding-invariant.
+    normalisation → ``delta(N=2)`` twice (seed-spec §4.1), batched and padding-invariant. Like
+    python_speech_features, only energies that are exactly zero (all-zero frames) are floored at
+    float64 eps before the log; tiny positive ones keep their value.
+
+    Only valid frames are computed: the utterances' frames are packed end to end, and their spectra
+    computed ``block_frames`` at a time on a CPU (so that frames, FFT and power stay in cache), all at
+    once on a GPU.
     """
+
+    block_frames = 256
 
     def __init__(self, n_mfcc: int = 13, n_filters: int = 40, normalize: bool = True, delta_window: int = 2,
                  preemphasis: float = 0.97):
         super().__init__(preemphasis)
         self.n_mfcc, self.normalize, self.delta_window = n_mfcc, normalize, delta_window
         self.dim = 3 * n_mfcc
-        self.register_buffer("filterbank", snapped_mel_filterbank(n_filters, self.n_fft, self.sample_rate),
-                             persistent=False)
+        fb = snapped_mel_filterbank(n_filters, self.n_fft, self.sample_rate)
+        self.register_buffer("filterbank", fb, persistent=False)
         self.register_buffer("dct", dct_matrix(n_filters, n_mfcc), persistent=False)
+        # The FFT's (re, im) pairs, squared, times `bands` = [frame energy, mel energies] of |X|² / n_fft:
+        # a column of ones then the filterbank, each row doubled (re² and im² weigh alike).
+        bands = torch.cat([torch.ones(fb.shape[0], 1), fb], dim=1).repeat_interleave(2, dim=0) / self.n_fft
+        self.register_buffer("bands", bands, persistent=False)
+        # log [energy, mel energies] @ `cepstra` = [log energy, c1 .. c(n_mfcc-1)]: the DCT, c0 replaced
+        cepstra = torch.zeros(n_filters + 1, n_mfcc)
+        cepstra[0, 0] = 1.0
+        cepstra[1:, 1:] = self.dct[:, 1:]
+        self.register_buffer("cepstra", cepstra, persistent=False)
 
     def forward(self, waveform, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
-        power, frame_lengths = self.power_spectrum(waveform, lengths)
-        mask = frame_mask(frame_lengths, power.shape[1])
-        log_energy = power.sum(-1).clamp_min(_EPS).log()
-        ceps = (power @ self.filterbank).clamp_min(_EPS).log() @ self.dct
-        ceps = torch.cat([log_energy[..., None], ceps[..., 1:]], dim=-1)
+        x, lengths = self._batch(waveform, lengths)
+        frame_lengths = self.num_frames(lengths)
+        n_frames = int(frame_lengths.max()) if x.shape[0] else 0
+        ceps = self._cepstra(x, lengths, frame_lengths, n_frames)
+        mask = frame_mask(frame_lengths, n_frames)
         if self.normalize:
             ceps = normalize_per_utterance(ceps, mask)
         d1 = deltas(ceps, frame_lengths, self.delta_window)
         d2 = deltas(d1, frame_lengths, self.delta_window)
-        return torch.cat([ceps, d1, d2], dim=-1) * mask[..., None], frame_lengths
+        return zero_padding(torch.cat([ceps, d1, d2], dim=-1), mask), frame_lengths
+
+    def _cepstra(self, x: torch.Tensor, lengths: torch.Tensor, frame_lengths: torch.Tensor,
+                 n_frames: int) -> torch.Tensor:
+        """``(B, T, n_mfcc)``: log frame energy and c1 .. c(n_mfcc − 1) of each valid frame (padding: junk)."""
+        frames, starts = self._packed_frames(x, lengths, frame_lengths)
+        energies = x.new_empty(frames.shape[0], self.bands.shape[1])
+        step = self.block_frames if x.device.type == "cpu" else max(frames.shape[0], 1)
+        windowed = x.new_zeros(min(step, frames.shape[0]), self.n_fft)  # columns 400 .. n_fft stay zero
+        for t in range(0, frames.shape[0], step):
+            block = frames[t:t + step]
+            buf = windowed[:block.shape[0]]
+            torch.mul(block, self.window, out=buf[:, :self.win_length])
+            power_pairs = torch.view_as_real(torch.fft.rfft(buf)).square_().flatten(-2)
+            torch.matmul(power_pairs, self.bands, out=energies[t:t + block.shape[0]])
+        # python_speech_features' floor: only exact zeros become eps (numpy.where(e == 0, eps, e))
+        cepstra = energies.masked_fill_(energies == 0, _EPS).log_() @ self.cepstra
+        rows = (starts[:, None] + torch.arange(n_frames, device=x.device)).clamp_max(max(cepstra.shape[0] - 1, 0))
+        return cepstra.index_select(0, rows.flatten()).view(x.shape[0], n_frames, self.n_mfcc)
+
+    def _packed_frames(self, x: torch.Tensor, lengths: torch.Tensor,
+                       frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every utterance's frames end to end: ``(frames (F, 400) view, first frame of each (B,))``.
+
+        The pre-emphasised utterances are laid one after another in a single signal, utterance i
+        ``(n_i + 2) · hop`` samples long (its ``n_i`` frames cover ``(n_i + 1.5) · hop``, zero-padded), so
+        that one strided view frames them all. Between two utterances sit two junk frames, never read.
+        """
+        hop = self.hop_length
+        counts = frame_lengths.tolist()
+        starts = np.concatenate([[0], np.cumsum([n + 2 if n else 0 for n in counts])])
+        signal = x.new_empty(int(starts[-1]) * hop)
+        for i, (length, n) in enumerate(zip(lengths.tolist(), counts)):
+            if n == 0:
+                continue
+            y = signal[int(starts[i]) * hop:int(starts[i + 1]) * hop]
+            y[:1] = x[i, :1]
+            torch.sub(x[i, 1:length], x[i, :length - 1], alpha=self.preemphasis, out=y[1:length])
+            y[length:] = 0.0
+        frames = signal.unfold(0, self.win_length, hop) if signal.shape[0] >= self.win_length else signal.new_zeros(0, self.win_length)
+        return frames, torch.as_tensor(starts[:-1], device=x.device)
 
 
 class LogMelFbank(_FramedSpectrum):
