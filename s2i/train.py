@@ -282,14 +282,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 class RunResult:
     model: Path  # best/ (or last/ when there was no validation): a model folder for s2i.load
     finished: bool  # every epoch trained
-    stopped_by: str | None = None  # "SIGTERM" | "SIGINT" | "max_steps" when it stopped early
+    stopped_by: str | None = None  # "SIGTERM" | "SIGINT" | "max_steps" | "max_minutes" when it stopped early
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Path:
     """Train ``model_cfg`` with ``cfg``; return the folder of the best model (``s2i.load``-able).
 
     ``resume=True`` continues from ``cfg.out_dir/last`` if it exists (its stored model config wins).
-    Stops early, with a checkpoint, on SIGTERM / Ctrl-C or after ``cfg.max_steps`` steps.
+    Stops early, with a checkpoint, on SIGTERM / Ctrl-C, after ``cfg.max_steps`` steps or after
+    ``cfg.max_minutes`` of training (a wall-clock budget, e.g. to compare recipes at equal cost).
     """
     return run(cfg, model_cfg, resume).model
 
@@ -414,7 +415,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
 
     # -- the loop ------------------------------------------------------------------------------
     stop = StopRequest()
-    interrupted = False
+    interrupted = out_of_time = False
     with stop:
         while epoch < cfg.epochs and not interrupted:
             model.train()
@@ -491,7 +492,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                     window, window_n, t_window, utts = {}, 0, now, 0
 
-                if any_process(stop.requested or (cfg.max_steps > 0 and step >= cfg.max_steps), device):
+                out_of_time = cfg.max_minutes > 0 and elapsed() >= 60 * cfg.max_minutes
+                if any_process(stop.requested or (cfg.max_steps > 0 and step >= cfg.max_steps) or out_of_time, device):
                     interrupted = batch_in_epoch < len(batches) or epoch + 1 < cfg.epochs
                     break
             bar.close()
@@ -529,7 +531,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
         log.warning("stopped at epoch %d, step %d; continue with --resume (out_dir=%s)", epoch + 1, step, out)
     if dist.is_initialized():
         dist.barrier()
-    stopped_by = (stop.signal or "max_steps") if interrupted else None
+    stopped_by = (stop.signal or ("max_minutes" if out_of_time else "max_steps")) if interrupted else None
     if main:
         _jsonl(metrics_path, {"event": "stopped" if interrupted else "finished", "epoch": epoch, "step": step,
                               **({"reason": stopped_by} if stopped_by else {})})

@@ -254,6 +254,16 @@ def test_sigterm_finishes_the_step_and_checkpoints(corpus, tmp_path):
                                    "reason": "max_steps"}
 
 
+def test_wall_clock_budget_stops_with_a_resumable_checkpoint(corpus, tmp_path):
+    cfg = tiny_train(corpus, tmp_path / "budget", epochs=3, max_minutes=1e-6)  # spent after the first step
+    result = run(cfg, tiny_model())
+    assert not result.finished and result.stopped_by == "max_minutes"
+    state = checkpoint.load(tmp_path / "budget" / "last")
+    assert state["step"] == 1 and state["elapsed_s"] > 0
+    lines = _lines(tmp_path / "budget" / "metrics.jsonl")
+    assert lines[-1]["reason"] == "max_minutes" and lines[0]["elapsed_s"] > 0
+
+
 def test_warm_start_without_vq_into_vq(corpus, tmp_path):
     # (the seed's unbucketed batches, loaded by a worker process)
     train(tiny_train(corpus, tmp_path / "plain", epochs=1, eval_every=0, bucket=False, workers=1), tiny_model())
