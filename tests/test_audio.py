@@ -71,6 +71,33 @@ def test_mfcc_agrees_with_seed_on_synthesised_sentence():
     print(f"synthesised sentence: {len(x) / SR:.2f} s, min per-coefficient correlation {corr.min():.6f}")
 
 
+@pytest.mark.parametrize("quiet", ["exact zeros", "tiny samples"])
+def test_energy_floor_is_python_speech_features(quiet):
+    """Only exact-zero energies are floored at eps, as python_speech_features does
+    (``numpy.where(e == 0, eps, e)``): digital silence gets log(eps); a stretch of tiny nonzero
+    samples (a fade into silence) keeps its own, lower, log energy instead of being clamped to eps."""
+    rng = np.random.default_rng(5)
+    x = (0.1 * rng.standard_normal(SR)).astype(np.float32)  # noise: every band far above float32 rounding
+    x[4000:10000] = 0.0 if quiet == "exact zeros" else 3e-10 * rng.choice([-1.0, 1.0], 6000)
+    settings = dict(samplerate=SR, winlen=0.025, winstep=0.01, nfilt=40, nfft=512, lowfreq=0, highfreq=SR / 2,
+                    preemph=0.97, winfunc=np.hamming)
+    _, energy = psf.fbank(x.astype(np.float64), **settings)
+    eps = np.finfo(np.float64).eps
+    inside = slice(26, 61)  # the frames wholly inside the quiet stretch (pre-emphasised samples 4001 .. 9999)
+    if quiet == "exact zeros":
+        assert (energy[inside] == eps).all()
+    else:
+        assert ((energy[inside] > 0) & (energy[inside] < eps)).all()  # what a clamp at eps would change
+
+    raw = psf.mfcc(x.astype(np.float64), numcep=13, ceplifter=0, appendEnergy=True, **settings)
+    ours_raw = MFCC(normalize=False)(torch.from_numpy(x))[0][0, :, :13].numpy()
+    np.testing.assert_allclose(ours_raw, raw, atol=2e-3, rtol=0)
+    if quiet == "tiny samples":
+        assert (ours_raw[inside, 0] < np.log(eps) - 2).all()  # log energy about -40, not log(eps) = -36
+    ours = MFCC()(torch.from_numpy(x))[0][0].numpy()
+    assert np.abs(ours - seed_mfcc(x)).max() < 1e-3
+
+
 @pytest.mark.parametrize("n", [1, 399, 400, 401, 560, 561, 12345])
 def test_frame_count_is_python_speech_features(n):
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
