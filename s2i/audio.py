@@ -445,7 +445,7 @@ class MFCC(_FramedSpectrum):
     once on a GPU.
     """
 
-    block_frames = 256
+    block_frames = 128
 
     def __init__(self, n_mfcc: int = 13, n_filters: int = 40, normalize: bool = True, delta_window: int = 2,
                  preemphasis: float = 0.97):
