@@ -377,3 +377,10 @@ def test_ddp_two_processes_equal_one(feature_corpus, tmp_path):
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in one_steps] == pytest.approx([r[key] for r in two_steps], rel=1e-4), key
     assert one_steps[0]["loss"] != pytest.approx(one_steps[2]["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_build(path):
+    cfg, model_cfg = build_configs(str(path), [])
+    assert Path(cfg.data).name == "synthetic-default" and cfg.out_dir.startswith("runs/")
+    assert model_cfg.speech.features in ("mfcc", "fbank")
