@@ -169,20 +169,34 @@ def agreement(ref: list[np.ndarray], ours: list[np.ndarray], tiny: list[bool]) -
             "ref_abs_max": float(max(np.abs(a).max() for a in ref))}
 
 
+def _blas_threads() -> int | None:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return max((p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"), default=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=1000, help="utterances (default 1000)")
     p.add_argument("--audio-dir", default="", help="read audio files from here instead of synthesising")
     p.add_argument("--batch", default="16,64", help="s2i batch sizes, comma-separated (default 16,64)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads and numpy's BLAS threads (default: each library's own choice)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per path; the best is reported (default 3)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
+        try:  # numpy's BLAS too (the seed's filterbank product): both paths get the same threads
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)
+        except ImportError:
+            print("threadpoolctl not installed: numpy's BLAS threads not limited", flush=True)
 
-    print(machine_line(), flush=True)
+    print(machine_line() + f"; numpy BLAS threads: {_blas_threads()}", flush=True)
     t0 = time.perf_counter()
     waves_np, source = (file_utterances(args.audio_dir, args.count) if args.audio_dir
                         else synthesised_utterances(args.count))
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_mfcc(waves_np[0])
     run_s2i_batched(mfcc, waves[:max(batches)], max(batches), cpu)
 
-    results: dict = {"machine": machine(), "command": "python bench/features.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    results: dict = {"machine": machine(), "numpy_blas_threads": _blas_threads(), "command": "python bench/features.py " + " ".join(sys.argv[1:] if argv is None else argv),
                      "data": source, "utterances": len(waves), "audio_seconds": float(seconds.sum()),
                      "repeats": args.repeats}
     paths = {"seed_numpy_one_at_a_time": lambda: run_seed(waves_np),
