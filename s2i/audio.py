@@ -501,7 +501,7 @@ class MFCC(_FramedSpectrum):
 
         The pre-emphasised utterances are laid one after another in a single signal, utterance i
         ``(n_i + 2) · hop`` samples long (its ``n_i`` frames cover ``(n_i + 1.5) · hop``, zero-padded), so
-        that one strided view frames them all. Between two utterances sit two junk frames, never read.
+        that one strided view frames them all. Between two utterances sit two junk frames (computed, never read).
         """
         hop = self.hop_length
         counts = frame_lengths.tolist()
@@ -514,8 +514,9 @@ class MFCC(_FramedSpectrum):
             y[:1] = x[i, :1]
             torch.sub(x[i, 1:length], x[i, :length - 1], alpha=self.preemphasis, out=y[1:length])
             y[length:] = 0.0
-        frames = signal.unfold(0, self.win_length, hop) if signal.shape[0] >= self.win_length else signal.new_zeros(0, self.win_length)
-        return frames, torch.as_tensor(starts[:-1], device=x.device)
+        if signal.shape[0] < self.win_length:  # no utterance has a frame
+            return signal.new_zeros(0, self.win_length), torch.as_tensor(starts[:-1], device=x.device)
+        return signal.unfold(0, self.win_length, hop), torch.as_tensor(starts[:-1], device=x.device)
 
 
 class LogMelFbank(_FramedSpectrum):

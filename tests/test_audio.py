@@ -126,6 +126,25 @@ def test_batched_equals_one_by_one(name):
         assert feats[i, t:].abs().max() == 0 if t < feats.shape[1] else True
 
 
+def test_mfcc_block_size_and_empty_utterances():
+    """CPU blocks of frames vs the whole batch as one block (the GPU's way) give the same features;
+    an empty utterance in a batch gets no frames and changes nothing for the others."""
+    lengths = [16000, 0, 401, 7000]
+    batch = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        batch[i, :n] = torch.from_numpy(speech_like(max(n, 1) / SR, seed=i)[:n])
+    blocked, one_block = MFCC(), MFCC()
+    blocked.block_frames, one_block.block_frames = 7, 10**6
+    a, a_len = blocked(batch, torch.tensor(lengths))
+    b, b_len = one_block(batch, torch.tensor(lengths))
+    assert a_len.tolist() == b_len.tolist() == [99, 0, 2, 43]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    assert a[1].abs().max() == 0
+    torch.testing.assert_close(a[3, :43], MFCC()(batch[3, :7000])[0][0], atol=2e-4, rtol=1e-4)
+    empty, empty_len = MFCC()(torch.zeros(2, 100), torch.tensor([0, 0]))
+    assert empty.shape == (2, 0, 39) and empty_len.tolist() == [0, 0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
 def test_gpu_matches_cpu():
     x = torch.from_numpy(np.stack([speech_like(1.0, seed=s) for s in range(3)]))
