@@ -190,3 +190,20 @@ def test_refuses_a_folder_that_is_not_a_synthetic_corpus(tmp_path):
     with pytest.raises(syn.SyntheticCorpusError, match="not empty"):
         syn.generate(tmp_path, size="small")
     assert (tmp_path / "images" / "mine.png").exists()
+
+
+def test_test_split_alone_is_the_whole_corpus_s_test_split(corpus, tmp_path):
+    part = syn.generate(tmp_path / "part", size="small", seed=0, workers=0, splits=("test",))
+    assert (part / "test.jsonl").read_bytes() == (corpus / "test.jsonl").read_bytes()
+    assert not (part / "train.jsonl").exists()
+    made = _tree_bytes(part)
+    whole = _tree_bytes(corpus)
+    media = [k for k in made if k.startswith(("audio", "images"))]
+    assert media and all(made[k] == whole[k] for k in media)
+    assert json.loads((part / "complete").read_text())["splits"] == ["test"]
+    # the whole corpus serves a request for its test split; a part is completed without --force
+    assert syn.generate(corpus, size="small", seed=0, splits=("test",)) == corpus
+    syn.generate(part, size="small", seed=0, workers=0, splits=("test", "val"))
+    assert (part / "val.jsonl").exists() and (part / "test.jsonl").read_bytes() == (corpus / "test.jsonl").read_bytes()
+    with pytest.raises(syn.SyntheticCorpusError, match="unknown splits"):
+        syn.generate(part, size="small", splits=("dev",))
