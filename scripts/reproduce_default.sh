@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild checkpoints/default from scratch: the built-in corpus, training (configs/default.yaml),
-# the app's gallery (embeddings, UMAP layout, thumbnails, clips) and the evaluation report.
+# the app's gallery (the first 100 test images and their captions: embeddings, PCA layout, thumbnails,
+# clips) and the evaluation report.
 # CPU: uses every core; on a GPU machine add `device=cuda` after the config (it is picked up by `auto` too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,6 @@ rm -rf runs/default
 $PY -m s2i train configs/default.yaml "$@"
 rm -rf checkpoints/default && mkdir -p checkpoints/default
 cp runs/default/best/model.safetensors runs/default/best/config.json checkpoints/default/
-$PY -m s2i export checkpoints/default --data data/synthetic-default --split test
+$PY -m s2i export checkpoints/default --data data/synthetic-default --split test --max-images 100 --layout pca
 du -sh checkpoints/default
 $PY -m s2i evaluate default --split test --json
