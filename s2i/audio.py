@@ -123,6 +123,29 @@ def to_mono_16k(samples: np.ndarray | torch.Tensor, sample_rate: int, *, target_
     return torch.where(x.abs() < DUST, 0.0, x).contiguous()
 
 
+def trim_silence(wave: torch.Tensor, sample_rate: int = SAMPLE_RATE, top_db: float = 40.0,
+                 margin: float = 0.1) -> torch.Tensor:
+    """``wave`` (1-D) without its leading and trailing silence: frames (25 ms, 10 ms hop) more than
+    ``top_db`` below the loudest one, keeping ``margin`` seconds of it on each side.
+
+    A recording made with a microphone starts and ends with silence the corpus captions barely
+    have; per-utterance feature normalisation would count it in. Silent or very short input is
+    returned unchanged.
+    """
+    win, hop = int(0.025 * sample_rate), int(0.010 * sample_rate)
+    if wave.dim() != 1 or wave.shape[0] < win:
+        return wave
+    energy = wave.unfold(0, win, hop).pow(2).mean(dim=1)
+    peak = float(energy.max())
+    if peak <= 0.0:
+        return wave
+    loud = torch.nonzero(energy >= peak * 10.0 ** (-top_db / 10.0)).flatten()
+    keep = int(margin * sample_rate)
+    start = max(0, int(loud[0]) * hop - keep)
+    end = min(wave.shape[0], int(loud[-1]) * hop + win + keep)
+    return wave[start:end]
+
+
 def _split_pair(pair: tuple) -> tuple[np.ndarray | torch.Tensor, int]:
     """(samples, rate) or Gradio's (rate, samples) → (samples, rate)."""
     if len(pair) != 2:

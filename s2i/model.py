@@ -103,18 +103,23 @@ class S2I(nn.Module):
         with self._grad():
             return self.speech(feats.to(self.device), lengths.to(self.device))
 
-    def speech_features(self, audio: Any, sample_rate: int = SAMPLE_RATE,
-                        lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Waveform(s) -> ``(feats (B, T, F), frame_lengths (B,))`` (the model's own feature type)."""
-        waves, wave_lengths = self._waveforms(audio, sample_rate, lengths)
+    def speech_features(self, audio: Any, sample_rate: int = SAMPLE_RATE, lengths: torch.Tensor | None = None,
+                        trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveform(s) -> ``(feats (B, T, F), frame_lengths (B,))`` (the model's own feature type);
+        ``trim`` first cuts leading and trailing silence (:func:`s2i.audio.trim_silence`)."""
+        waves, wave_lengths = self._waveforms(audio, sample_rate, lengths, trim)
         with torch.no_grad():
             return self.features(waves.to(self.device), wave_lengths.to(self.device))
 
-    def encode_speech(self, audio: Any, sample_rate: int = SAMPLE_RATE,
-                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_speech(self, audio: Any, sample_rate: int = SAMPLE_RATE, lengths: torch.Tensor | None = None,
+                      trim: bool = True) -> torch.Tensor:
         """One utterance (1-D array/tensor), a list of them, or a ``(B, N)`` batch with ``lengths``
-        -> ``(B, D)`` L2-normalised embeddings. Audio at another ``sample_rate`` is resampled."""
-        return self.encode_speech_features(*self.speech_features(audio, sample_rate, lengths)).embedding
+        -> ``(B, D)`` L2-normalised embeddings. Audio at another ``sample_rate`` is resampled.
+
+        ``trim`` cuts leading and trailing silence first: a microphone query padded with half a second
+        of silence on each side otherwise ranks its image ~10th instead of 1st among 100 (measured on
+        the default model), because per-utterance normalisation counts the silence in."""
+        return self.encode_speech_features(*self.speech_features(audio, sample_rate, lengths, trim)).embedding
 
     def units(self, audio: Any, sample_rate: int = SAMPLE_RATE) -> dict[str, UnitSequence] | list[dict[str, UnitSequence]]:
         """The VQ codes of each VQ layer (``"vq{position}"``) for one utterance (a list: one dict each)."""
@@ -134,8 +139,9 @@ class S2I(nn.Module):
                            for name, codes in out.codes.items()})
         return result[0] if single else result
 
-    def _waveforms(self, audio: Any, sample_rate: int, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        from s2i.audio import to_mono_16k
+    def _waveforms(self, audio: Any, sample_rate: int, lengths: torch.Tensor | None,
+                   trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        from s2i.audio import to_mono_16k, trim_silence
 
         if isinstance(audio, (list, tuple)):
             items = list(audio)
@@ -152,6 +158,8 @@ class S2I(nn.Module):
         if not items:
             raise ValueError("no audio given")
         waves = [to_mono_16k(w, sample_rate, name=f"utterance {i}") for i, w in enumerate(items)]
+        if trim:
+            waves = [trim_silence(w) for w in waves]
         wave_lengths = torch.tensor([w.shape[0] for w in waves], dtype=torch.long)
         batch = torch.zeros(len(waves), int(wave_lengths.max()))
         for i, w in enumerate(waves):

@@ -305,3 +305,18 @@ def test_features_of_loaded_audio_end_to_end(tmp_path):
         x = load_audio(io.BytesIO(f.read()))
     feats, lengths = MFCC()(x)
     assert feats.shape == (1, 99, 39) and torch.isfinite(feats).all() and int(lengths[0]) == 99
+
+
+def test_trim_silence_keeps_the_sound_and_a_margin():
+    from s2i.audio import trim_silence
+
+    t = torch.arange(16000) / 16000
+    tone = 0.5 * torch.sin(2 * torch.pi * 440 * t)
+    quiet = 1e-4 * torch.randn(8000, generator=torch.Generator().manual_seed(0))  # -70 dB: a quiet room
+    wave = torch.cat([quiet, tone, quiet])
+    out = trim_silence(wave, margin=0.1)
+    assert 16000 + 2 * 1600 <= out.shape[0] <= 16000 + 2 * (1600 + 400)  # margin + at most a frame each side
+    torch.testing.assert_close(out.pow(2).sum(), wave.pow(2).sum(), rtol=1e-4, atol=0)  # all of the tone kept
+    assert trim_silence(torch.zeros(16000)).shape[0] == 16000  # nothing loud: unchanged
+    assert trim_silence(tone[:100]).shape[0] == 100  # shorter than a frame: unchanged
+    assert torch.equal(trim_silence(tone), tone)

@@ -260,3 +260,14 @@ def test_search_method_ranks_by_dot_product():
     scores, idx = S2I.search(gallery[[3, 7]], gallery, k=3)
     assert idx[:, 0].tolist() == [3, 7]
     assert torch.all(scores[:, :-1] >= scores[:, 1:])
+
+
+def test_encode_speech_trims_leading_and_trailing_silence(model):
+    from s2i.audio import trim_silence
+
+    wave = waves()[0]
+    padded = torch.cat([torch.zeros(8000), wave, torch.zeros(12000)])
+    trimmed = trim_silence(padded)
+    assert wave.shape[0] <= trimmed.shape[0] <= wave.shape[0] + 2 * (1600 + 400)  # margin + a frame each side
+    torch.testing.assert_close(model.encode_speech(padded), model.encode_speech(trimmed, trim=False))
+    assert not torch.allclose(model.encode_speech(padded), model.encode_speech(padded, trim=False))
