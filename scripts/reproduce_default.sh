@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild checkpoints/default from scratch: the built-in corpus, training (configs/default.yaml),
+# Rebuild checkpoints/default from scratch: the built-in corpus, training (configs/default_novq.yaml,
+# then configs/default.yaml),
 # the app's gallery (the first 100 test images and their captions: embeddings, PCA layout, thumbnails,
 # clips) and the evaluation report.
 # CPU: uses every core; on a GPU machine add `device=cuda` after the config (it is picked up by `auto` too).
@@ -9,8 +10,9 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/python -m pip install -q -r requirements.txt; }
 export GRADIO_ANALYTICS_ENABLED=False MPLBACKEND=Agg
 $PY -m s2i prepare synthetic --out data/synthetic-default --size default
-rm -rf runs/default
-$PY -m s2i train configs/default.yaml "$@"
+rm -rf runs/default_novq runs/default
+$PY -m s2i train configs/default_novq.yaml "$@"   # stage 1: no VQ (ResDAVEnet-VQ's {} -> {2,3} schedule)
+$PY -m s2i train configs/default.yaml "$@"        # stage 2: adds the VQ layers, one more epoch
 rm -rf checkpoints/default && mkdir -p checkpoints/default
 cp runs/default/best/model.safetensors runs/default/best/config.json checkpoints/default/
 $PY -m s2i export checkpoints/default --data data/synthetic-default --split test --max-images 100 --layout pca
