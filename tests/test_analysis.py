@@ -339,11 +339,16 @@ def test_report_writing(tmp_path):
                      codebooks={"vq2": np.eye(16), "vq3": np.eye(8)}, abx_index=np.arange(n), final=feats, mfcc=feats)
     report, tables = analyze(data, abx_context="within")
     assert report["layers"]["vq2"]["word_detection"]["n_detected"] == 6
+    # a word counts for "some layer" when either layer's best code for it has F1 >= 0.5
+    union = {r["word"] for layer in report["layers"].values() for r in layer["best_words"] if r["f1"] >= 0.5}
+    assert report["any_layer"]["n_detected"] == len(union) >= 6
+    assert report["any_layer"]["n_words"] == report["layers"]["vq2"]["word_detection"]["n_words"]
     assert report["abx"]["vq3 codes"]["within"] == 0.0 and report["abx"]["mfcc"]["across"] == 0.0
     assert set(report["abx"]) == {"mfcc", "vq2 codes", "vq2 vectors", "vq3 codes", "vq3 vectors", "last layer"}
     out = write_report(report, tables, tmp_path / "rep")
     for name in ("report.json", "report.md", "summary.png", "f1_vq2.png", "words_vq2.tsv"):
         assert (out / name).stat().st_size > 0, name
+    assert f"Words detected in some layer: {len(union)} / " in (out / "report.md").read_text()
     assert json.loads((out / "report.json").read_text())["layers"]["vq2"]["best_words"][0]["f1"] == 1.0
     header = (out / "words_vq2.tsv").read_text().splitlines()[0].split("\t")
     assert header == ["code", "word", "precision", "recall", "f1", "count", "code_hits", "code_segments", "word_count"]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from s2i.analysis.abx import ABXError, abx
 from s2i.analysis.bitrate import bitrate
-from s2i.analysis.words import CodeWordTable, word_detection
+from s2i.analysis.words import CodeWordTable, detected_in_any, word_detection
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
                               "n_abx_utterances": int(len(data.abx_index)), "layers": {}, "abx": {},
                               "abx_context": abx_context, "notes": []}
     tables: dict[str, CodeWordTable] = {}
+    detections = []
     has_words = any(data.words)
     has_phones = any(data.phones[i] for i in data.abx_index)
     if not has_words:
@@ -164,7 +165,10 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
             layer["word_detection"] = wd.summary()
             layer["best_words"] = wd.best.rows(limit=50)
             tables[name] = wd.table
+            detections.append(wd)
         report["layers"][name] = layer
+    if detections:
+        report["any_layer"] = detected_in_any(detections)
 
     if abx_context != "off" and has_phones:
         phones = [data.phones[i] for i in data.abx_index]
@@ -268,6 +272,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {layer['codes_used']} / {layer['codebook_size']} | "
                          f"{1000 * layer['frame_shift_s']:.0f} ms | {detected} | {top} | {br['bitrate']:.1f} | "
                          f"{br['bitrate_rle']:.1f} |")
+    if report.get("any_layer"):
+        any_layer = report["any_layer"]
+        lines += ["", f"Words detected in some layer: {any_layer['n_detected']} / {any_layer['n_words']} "
+                      f"({_pct(any_layer['fraction_detected'])})."]
     if report["abx"]:
         lines += ["", f"## ABX error ({report['abx_context']} context; chance = 50%)", "",
                   "| representation | within speakers | across speakers |", "|---|---|---|"]
@@ -381,6 +389,9 @@ def main(args: argparse.Namespace) -> int:
                  f"{_pct(wd['mean_f1_top'])}  " if wd else "")
         print(f"{name}: {layer['codes_used']}/{layer['codebook_size']} codes used  {words}"
               f"bitrate {br['bitrate']:.1f} b/s (repeats merged {br['bitrate_rle']:.1f})")
+    if report.get("any_layer"):
+        any_layer = report["any_layer"]
+        print(f"words F1>=0.5 in some layer: {any_layer['n_detected']}/{any_layer['n_words']}")
     if report["abx"]:
         print(f"ABX error ({report['abx_context']} context)   within   across")
         width = max(len(n) for n in report["abx"])

@@ -360,6 +360,17 @@ def word_detection(codes: Sequence, words: Sequence[Alignment], frame_shift: flo
                          table=table, best=best)
 
 
+def detected_in_any(detections: Sequence[WordDetection]) -> dict:
+    """Words detected by *some* layer: a word counts when its best code in any of ``detections``
+    (one per layer, same alignments and threshold) has F1 >= the threshold."""
+    if not detections:
+        raise WordDetectionError("no layers to combine")
+    found = {str(w) for wd in detections for w, f in zip(wd.best.word, wd.best.f1) if f >= wd.threshold}
+    n_words = detections[0].n_words
+    return {"n_words": n_words, "n_detected": len(found), "fraction_detected": len(found) / n_words,
+            "threshold": detections[0].threshold}
+
+
 # ---------------------------------------------------------------------------------------------
 # browsing one code (the app's VQ tab)
 # ---------------------------------------------------------------------------------------------
