@@ -266,10 +266,12 @@ class FeatureAugment(torch.nn.Module):
                                "(train with model.speech.features=fbank, or leave vtlp out)")
         self.f_min, self.f_max = f_min, f_max
 
-    def _draw(self, step: _Step, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, step: _Step, batch: int, device: torch.device) -> torch.Tensor:
+        """One value per utterance; the step's neutral value (factor 1, width 0) where it is skipped."""
         value = step.low + (step.high - step.low) * torch.rand(batch)
         apply = torch.rand(batch) < step.probability
-        return value.to(device), apply.to(device)
+        neutral = 1.0 if step.name in ("vtlp", "tempo") else 0.0
+        return torch.where(apply, value, torch.full_like(value, neutral)).to(device)
 
     def _vtlp(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         bands = x.shape[-1]
@@ -310,15 +312,15 @@ class FeatureAugment(torch.nn.Module):
             return x, lengths
         batch = x.shape[0]
         for step in self.steps:
-            value, apply = self._draw(step, batch, x.device)
+            value = self._draw(step, batch, x.device)
             if step.name == "vtlp":
-                x = self._vtlp(x, torch.where(apply, value, torch.ones_like(value)))
+                x = self._vtlp(x, value)
             elif step.name == "tempo":
-                x, lengths = self._tempo(x, lengths, torch.where(apply, value, torch.ones_like(value)))
+                x, lengths = self._tempo(x, lengths, value)
             else:
                 axis = 1 if step.name == "tmask" else 2
                 extent = lengths if axis == 1 else torch.full_like(lengths, x.shape[2])
-                x = self._mask(x, torch.where(apply, value, torch.zeros_like(value)), extent, axis)
+                x = self._mask(x, value, extent, axis)
         return x, lengths
 
     def extra_repr(self) -> str:
