@@ -116,9 +116,9 @@ class S2I(nn.Module):
         """One utterance (1-D array/tensor), a list of them, or a ``(B, N)`` batch with ``lengths``
         -> ``(B, D)`` L2-normalised embeddings. Audio at another ``sample_rate`` is resampled.
 
-        ``trim`` cuts leading and trailing silence first: a microphone query padded with half a second
-        of silence on each side otherwise ranks its image ~10th instead of 1st among 100 (measured on
-        the default model), because per-utterance normalisation counts the silence in."""
+        ``trim`` cuts leading and trailing silence first: the corpus captions have almost none, and
+        per-utterance normalisation would count a microphone recording's silence in (the browser test's
+        query, padded with half a second of silence, missed its image's top 5 without it)."""
         return self.encode_speech_features(*self.speech_features(audio, sample_rate, lengths, trim)).embedding
 
     def units(self, audio: Any, sample_rate: int = SAMPLE_RATE) -> dict[str, UnitSequence] | list[dict[str, UnitSequence]]:
