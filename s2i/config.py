@@ -119,6 +119,7 @@ class TrainConfig:
     margin: float = 0.2
     hardest_n: int = 0  # hinge: keep only the n largest hinge terms per row/column (0 = all)
     text_loss_weight: float = 0.0  # > 0 trains the text encoder against images too
+    speech_text_loss_weight: float = 0.0  # > 0 also pulls each spoken caption towards its transcript's embedding
     grad_clip: float = 0.0  # max global gradient norm (0 = off)
     bucket: bool = True  # length-bucketed batches
     one_caption_per_image: bool = True
@@ -130,6 +131,7 @@ class TrainConfig:
     val_max_images: int = 0  # 0 = the whole validation split
     augment: str = ""  # comma-separated waveform augmentations, e.g. "noise,speed,telephone,reverb"
     feature_augment: str = ""  # augmentations of cached feature batches, e.g. "specaugment" or "vtlp,tmask"
+    image_augment: str = ""  # affine jitter of training images, e.g. "affine" or "rotate,shift" (pixel encoders)
     init_from: str = ""  # warm start: load matching weights from this checkpoint (e.g. VQ {} -> {3})
     max_frames: int = 2048  # longer utterances are cropped (with a warning at prepare time)
     log_every: int = 50  # steps between metric lines
@@ -154,7 +156,7 @@ _TRAIN_MINIMA: dict[str, tuple] = {
     "batch_size": (2, False, "an in-batch loss needs at least two utterances per batch"), "epochs": (1, False),
     "lr": (0, True), "min_lr": (0, False), "weight_decay": (0, False), "cycle_epochs": (0, True),
     "warmup_steps": (0, False), "margin": (0, False), "hardest_n": (0, False), "text_loss_weight": (0, False),
-    "grad_clip": (0, False), "workers": (0, False), "eval_every": (0, False), "val_max_images": (0, False),
+    "speech_text_loss_weight": (0, False), "grad_clip": (0, False), "workers": (0, False), "eval_every": (0, False), "val_max_images": (0, False),
     "max_frames": (1, False), "log_every": (1, False), "max_steps": (0, False), "max_minutes": (0, False),
     "eval_batch_size": (1, False),
 }

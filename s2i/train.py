@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from s2i import checkpoint
 from s2i.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, from_dict, preset, to_dict
-from s2i.datasets.augment import FeatureAugment, from_spec
+from s2i.datasets.augment import FeatureAugment, ImageAugment, from_spec
 from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSampler, collate
 from s2i.evaluate import mean_r10, model_folder, retrieval_scores
 from s2i.losses import build_loss
@@ -300,6 +300,9 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
 
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose from {list(SCHEDULES)}")
+    if cfg.image_augment and cfg.image_input != "pixels":
+        raise ConfigError(f"image_augment jitters pixels; this run's images are {cfg.image_input!r} features "
+                          "(leave image_augment empty)")
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
     out = Path(cfg.out_dir)
@@ -349,14 +352,15 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
         load_matching(model, read_weights(model_folder(cfg.init_from), device=device))
     params = [p for p in model.parameters() if p.requires_grad]
     feature_augment = FeatureAugment(cfg.feature_augment, features).to(device) if cfg.feature_augment else None
+    image_augment = ImageAugment(cfg.image_augment).to(device) if cfg.image_augment else None
     if cfg.optimizer != "adam":
         raise ConfigError(f"optimizer {cfg.optimizer!r} is not supported; use adam (the seed found SGD 'terrible')")
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_rng = torch.Generator(device=device).manual_seed(cfg.seed)  # shared by all processes
     loss_fn = build_loss(cfg.loss, margin=cfg.margin, hardest_n=cfg.hardest_n, generator=loss_rng)
-    use_text = cfg.text_loss_weight > 0
+    use_text = cfg.text_loss_weight > 0 or cfg.speech_text_loss_weight > 0
     if use_text and model_cfg.text is None:
-        raise ConfigError("text_loss_weight > 0 needs a model with a text encoder (model.text)")
+        raise ConfigError("text_loss_weight > 0 or speech_text_loss_weight > 0 needs a model with a text encoder (model.text)")
     logit_scale = getattr(model, "logit_scale", None)
 
     epoch, batch_in_epoch, step, best = 0, 0, 0, -1.0
@@ -444,6 +448,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 frame_share = float(lengths.sum()) / float(train_set.lengths[global_idx].sum()) if world > 1 else 1.0
                 if feature_augment is not None:
                     audio, lengths = feature_augment(audio, lengths)
+                if image_augment is not None:
+                    image = image_augment(image)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                     speech = model.encode_speech_features(audio, lengths)
                     img = model.encode_image(image)
@@ -452,10 +458,15 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 cap_all = gather_rows(speech.embedding.float(), sizes, rank)
                 retrieval = loss_fn(img_all, cap_all, image_ids, logit_scale)
                 loss = retrieval + speech.vq_loss.float() * frame_share
-                text_loss = None
+                text_loss = speech_text_loss = None
                 if use_text:
-                    text_loss = loss_fn(img_all, gather_rows(txt.float(), sizes, rank), image_ids, logit_scale)
+                    txt_all = gather_rows(txt.float(), sizes, rank)
+                    text_loss = loss_fn(img_all, txt_all, image_ids, logit_scale)
                     loss = loss + cfg.text_loss_weight * text_loss
+                    if cfg.speech_text_loss_weight > 0:
+                        # the transcript's embedding stands in for the image: same loss, same positives
+                        speech_text_loss = loss_fn(txt_all, cap_all, image_ids, logit_scale)
+                        loss = loss + cfg.speech_text_loss_weight * speech_text_loss
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -471,6 +482,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 vals = {"loss": loss.detach().item(), "retrieval_loss": retrieval.detach().item(), "vq_loss": speech.vq_loss.detach().item()}
                 if text_loss is not None:
                     vals["text_loss"] = text_loss.detach().item()
+                if speech_text_loss is not None:
+                    vals["speech_text_loss"] = speech_text_loss.detach().item()
                 if grad_norm is not None:
                     vals["grad_norm"] = float(grad_norm)
                 for layer, stats in speech.vq_stats.items():

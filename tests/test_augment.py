@@ -225,3 +225,65 @@ def test_feature_augment_draws_per_utterance_from_the_global_rng():
     assert len(set(la.tolist())) > 1  # different tempo per utterance
     with pytest.raises(AugmentError, match="unknown augmentation"):
         FeatureAugment("noise:10")
+
+
+# ---------------------------------------------------------------------------------------------
+# image batches
+# ---------------------------------------------------------------------------------------------
+def test_image_augment_is_identity_in_eval_mode_and_at_neutral_values():
+    from s2i.datasets.augment import ImageAugment
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert ImageAugment("affine").eval()(images) is images
+    torch.testing.assert_close(ImageAugment("rotate:0,scale:1,shift:0")(images), images, atol=1e-5, rtol=0)
+
+
+def test_image_augment_shift_and_zoom_move_content_where_expected():
+    from s2i.datasets.augment import ImageAugment
+
+    images = torch.zeros(1, 3, 64, 64)
+    images[:, :, 30:34, 20:24] = 1.0  # a 4x4 block centred at pixel (31.5, 21.5); the image's centre is 31.5
+
+    def centre(x: torch.Tensor) -> tuple[float, float]:
+        w = x[0, 0]
+        rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+        return float((w * rows).sum() / w.sum()), float((w * cols).sum() / w.sum())
+
+    # a shift of 1/8 of the side moves the block 8 pixels right and 8 down (both axes draw the same here)
+    r, c = centre(ImageAugment("shift:0.125")(images))
+    assert r == pytest.approx(39.5, abs=0.3) and c == pytest.approx(29.5, abs=0.3)
+    # zoom 2 about the centre doubles the block's offset from the centre (-10 -> -20) and its area
+    zoomed = ImageAugment("scale:2")(images)
+    r, c = centre(zoomed)
+    assert r == pytest.approx(31.5, abs=0.3) and c == pytest.approx(11.5, abs=0.3)
+    assert float(zoomed[0, 0].sum()) == pytest.approx(4 * float(images[0, 0].sum()), rel=0.1)
+    # pixels from outside repeat the border: a constant image stays constant whatever the jitter
+    flat = torch.full((4, 3, 16, 16), 0.7)
+    torch.testing.assert_close(ImageAugment("affine+elastic")(flat), flat)
+
+
+def test_elastic_displaces_pixels_by_about_its_amplitude():
+    from s2i.datasets.augment import ImageAugment
+
+    side = 64
+    ramp = (torch.arange(side, dtype=torch.float32) / (side - 1)).expand(2, 3, side, side).contiguous()
+    torch.manual_seed(0)
+    # on a horizontal ramp, each output pixel's value says which column it was read from
+    moved = ImageAugment("elastic:0.01")(ramp)[:, 0, 8:-8, 8:-8] * (side - 1) - torch.arange(8, side - 8.0)
+    std = float(moved.std())  # the field is 0.01 * 64 = 0.64 px at its grid points, smooth in between
+    assert 0.3 < std < 0.9, std
+    torch.testing.assert_close(ImageAugment("elastic:0")(ramp), ramp, atol=1e-5, rtol=0)
+
+
+def test_image_augment_draws_per_image_from_the_global_rng():
+    from s2i.datasets.augment import ImageAugment
+
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).expand(4, -1, -1, -1)
+    aug = ImageAugment("affine")
+    torch.manual_seed(5)
+    first = aug(images)
+    torch.manual_seed(5)
+    assert torch.equal(aug(images), first)
+    assert not torch.allclose(first[0], first[1])
+    with pytest.raises(AugmentError, match="unknown augmentation 'flip'"):
+        ImageAugment("flip")

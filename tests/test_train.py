@@ -199,9 +199,10 @@ def _same_state(a: Path, b: Path) -> None:
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(corpus, tmp_path):
-    model_cfg = tiny_model(vq=True)
-    # triplet draws random negatives, feature augmentation random perturbations: both must resume exactly
-    kw = dict(epochs=2, eval_every=1, loss="triplet", margin=0.5, feature_augment="tempo,fmask,tmask")
+    model_cfg = tiny_model(vq=True, text=True)
+    # triplet draws random negatives, feature and image augmentation random perturbations: all must resume exactly
+    kw = dict(epochs=2, eval_every=1, loss="triplet", margin=0.5, feature_augment="tempo,fmask,tmask",
+              image_augment="affine+elastic", text_loss_weight=0.5, speech_text_loss_weight=0.5)
     train(tiny_train(corpus, tmp_path / "full", **kw), model_cfg)
     # stop mid-epoch 1 (step 5 of 8), resume; then stop again right at the epoch boundary
     cfg = tiny_train(corpus, tmp_path / "cut", max_steps=5, **kw)
@@ -218,6 +219,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(corpus, tmp_path):
                 if "event" not in r]
 
     assert history("full") == history("cut")
+    assert all(r["speech_text_loss"] > 0 for r in history("full") if "loss" in r)
     # a fresh run never silently overwrites an existing one
     from s2i.config import ConfigError
 
@@ -384,3 +386,14 @@ def test_shipped_configs_build(path):
     cfg, model_cfg = build_configs(str(path), [])
     assert Path(cfg.data).name == "synthetic-default" and cfg.out_dir.startswith("runs/")
     assert model_cfg.speech.features in ("mfcc", "fbank")
+
+
+def test_image_augment_refuses_cached_image_features(feature_corpus, tmp_path):
+    from s2i.config import ConfigError
+
+    cfg = _yaml_config(feature_corpus, tmp_path / "run", epochs=1, image_input="resnet18-center", image_augment="affine")
+    cfg["model"]["image"] = {"arch": "linear", "in_dim": 512}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="image_augment jitters pixels"):
+        run(*build_configs(str(config), []))

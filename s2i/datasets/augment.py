@@ -23,7 +23,8 @@ to the call, else from torch's global RNG (seeded per DataLoader worker by torch
 :class:`FeatureAugment` (``train feature_augment=...``) perturbs a padded ``(B, T, F)`` feature
 batch per utterance with the same spec syntax: ``vtlp`` (vocal-tract length), ``tempo``, and
 SpecAugment's ``fmask`` / ``tmask``; it reads features from the cache, so it costs nothing like
-decoding and re-featurising every waveform.
+decoding and re-featurising every waveform. :class:`ImageAugment` (``train image_augment=affine``)
+jitters image batches (rotation, zoom, shift) the same way.
 """
 from __future__ import annotations
 
@@ -327,6 +328,68 @@ class FeatureAugment(torch.nn.Module):
         return repr(self.spec)
 
 
+IMAGE_RANGES: dict[str, tuple[float, float]] = {
+    "rotate": (-10.0, 10.0),  # degrees
+    "scale": (0.9, 1.1),  # zoom factor (> 1 enlarges the content)
+    "shift": (-0.05, 0.05),  # translation along each axis, as a fraction of the image side
+    "elastic": (0.0, 0.012),  # standard deviation of a smooth random displacement field, as a fraction of the side
+}
+IMAGE_PRESETS = {"affine": "rotate,scale,shift", "affine+elastic": "rotate,scale,shift,elastic"}
+ELASTIC_GRID = 9  # the displacement field is random at 9 x 9 points, smooth in between (16 px apart at 128 px)
+
+
+class ImageAugment(torch.nn.Module):
+    """Random affine jitter of an image batch ``(B, 3, H, W)``, per image, in training mode.
+
+    Spec items (the waveform syntax): ``rotate`` (degrees), ``scale`` (zoom), ``shift`` (each axis
+    drawn separately, a fraction of the side) and ``elastic`` (a smooth random displacement field of
+    that amplitude, the classic handwriting augmentation: strokes bend as another writer's would);
+    ``"affine"`` is the first three, ``"affine+elastic"`` all four. No flips: they would swap left and
+    right, which captions name. Pixels from outside the image repeat its border, so no black (a
+    colour objects come in) appears. It makes a small training set's few handwritten glyphs look
+    different every epoch, so the encoder learns the digit rather than the sample.
+    Draws come from torch's global RNG (a seeded, resumed run draws the same); eval mode is the identity.
+    """
+
+    def __init__(self, spec: str, probability: float = 1.0) -> None:
+        super().__init__()
+        self.spec, self.steps = _parse_spec(spec, probability, IMAGE_RANGES, IMAGE_PRESETS, "'affine' or 'rotate:-5..5,shift'")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return images
+        batch = images.shape[0]
+        angle, zoom = torch.zeros(batch), torch.ones(batch)
+        shift = torch.zeros(batch, 2)
+        elastic = torch.zeros(batch)
+        for step in self.steps:
+            draws = 2 if step.name == "shift" else 1
+            value = step.low + (step.high - step.low) * torch.rand(batch, draws)
+            apply = (torch.rand(batch) < step.probability)[:, None]
+            if step.name == "rotate":
+                angle = torch.where(apply[:, 0], angle + torch.deg2rad(value[:, 0]), angle)
+            elif step.name == "scale":
+                zoom = torch.where(apply[:, 0], zoom * value[:, 0], zoom)
+            elif step.name == "elastic":
+                elastic = torch.where(apply[:, 0], elastic + value[:, 0], elastic)
+            else:
+                shift = torch.where(apply, shift + 2 * value, shift)  # affine_grid's coordinates span [-1, 1]
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        # theta maps output coordinates to the input coordinates they sample
+        theta = torch.stack([torch.stack([cos, -sin, -shift[:, 0]], 1), torch.stack([sin, cos, -shift[:, 1]], 1)], 1)
+        theta = theta.to(images.device, images.dtype)
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        if any(step.name == "elastic" for step in self.steps):
+            field = torch.randn(batch, 2, ELASTIC_GRID, ELASTIC_GRID) * (2 * elastic)[:, None, None, None]
+            field = torch.nn.functional.interpolate(field.to(images.device, images.dtype), size=images.shape[-2:],
+                                                    mode="bicubic", align_corners=True)
+            grid = grid + field.permute(0, 2, 3, 1)
+        return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return repr(self.spec)
+
+
 def snr_db(clean, noisy) -> float:
     """The SNR of ``noisy`` against ``clean`` (same length), in dB."""
     clean, noisy = _as_wave(clean), _as_wave(noisy)
@@ -340,5 +403,5 @@ def band_energy(wave, sample_rate: int, low: float, high: float) -> float:
     return float(power[..., (freqs >= low) & (freqs < high)].sum() / power.sum().clamp(min=1e-20))
 
 
-__all__ = ["Augment", "AugmentError", "FEATURE_PRESETS", "FeatureAugment", "PRESETS", "add_noise", "band_energy", "from_spec", "reverb", "snr_db",
+__all__ = ["Augment", "AugmentError", "FEATURE_PRESETS", "FeatureAugment", "IMAGE_PRESETS", "ImageAugment", "PRESETS", "add_noise", "band_energy", "from_spec", "reverb", "snr_db",
            "speed", "telephone"]
