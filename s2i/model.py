@@ -98,10 +98,11 @@ class S2I(nn.Module):
         return torch.set_grad_enabled(self.training and torch.is_grad_enabled())
 
     # ------------------------------------------------------------------ speech
-    def encode_speech_features(self, feats: torch.Tensor, lengths: torch.Tensor) -> SpeechOutput:
-        """``feats (B, T, F)`` + ``lengths (B,)`` -> :class:`SpeechOutput` (embedding, frames, VQ codes ...)."""
+    def encode_speech_features(self, feats: torch.Tensor, lengths: torch.Tensor, hidden: bool = False) -> SpeechOutput:
+        """``feats (B, T, F)`` + ``lengths (B,)`` -> :class:`SpeechOutput` (embedding, frames, VQ codes ...);
+        ``hidden=True`` also keeps every layer's activations (``SpeechOutput.hidden``, for analysis)."""
         with self._grad():
-            return self.speech(feats.to(self.device), lengths.to(self.device))
+            return self.speech(feats.to(self.device), lengths.to(self.device), hidden=hidden)
 
     def speech_features(self, audio: Any, sample_rate: int = SAMPLE_RATE, lengths: torch.Tensor | None = None,
                         trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

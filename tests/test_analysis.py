@@ -94,6 +94,10 @@ def test_stop_words_are_excluded():
     # capitals and punctuation do not make new words
     shouted = [[(w.upper() + ",", s, e) for w, s, e in utt] for utt in words]
     assert word_detection(codes, shouted, H).n_detected == 6
+    # an aligner's merged function words ("of a", eSpeak) are stop words too; "plus sign" is not
+    merged = [[("of the" if w == "the" else "plus sign" if w == "red" else w, s, e) for w, s, e in utt] for utt in words]
+    merged_words = set(code_word_table(codes, merged, H).word.tolist())
+    assert "of the" not in merged_words and "plus sign" in merged_words
 
 
 def test_random_codes_detect_no_words():
@@ -335,8 +339,9 @@ def test_report_writing(tmp_path):
     n = len(feats)
     data = Collected(utt_ids=[f"u{i}" for i in range(n)], speakers=spk, words=words, phones=aligns,
                      durations=np.array([len(c) * H for c in codes]), codes={"vq2": codes, "vq3": phone_codes},
-                     frame_shift={"vq2": H, "vq3": 0.01, "final": 0.01, "mfcc": 0.01},
-                     codebooks={"vq2": np.eye(16), "vq3": np.eye(8)}, abx_index=np.arange(n), final=feats, mfcc=feats)
+                     frame_shift={"vq2": H, "vq3": 0.01, "layer0": 0.01, "mfcc": 0.01},
+                     codebooks={"vq2": np.eye(16), "vq3": np.eye(8)}, abx_index=np.arange(n), hidden={"layer0": feats},
+                     mfcc=feats)
     report, tables = analyze(data, abx_context="within")
     assert report["layers"]["vq2"]["word_detection"]["n_detected"] == 6
     # a word counts for "some layer" when either layer's best code for it has F1 >= 0.5
@@ -344,7 +349,7 @@ def test_report_writing(tmp_path):
     assert report["any_layer"]["n_detected"] == len(union) >= 6
     assert report["any_layer"]["n_words"] == report["layers"]["vq2"]["word_detection"]["n_words"]
     assert report["abx"]["vq3 codes"]["within"] == 0.0 and report["abx"]["mfcc"]["across"] == 0.0
-    assert set(report["abx"]) == {"mfcc", "vq2 codes", "vq2 vectors", "vq3 codes", "vq3 vectors", "last layer"}
+    assert set(report["abx"]) == {"mfcc", "vq2 codes", "vq2 vectors", "vq3 codes", "vq3 vectors", "layer0"}
     out = write_report(report, tables, tmp_path / "rep")
     for name in ("report.json", "report.md", "summary.png", "f1_vq2.png", "words_vq2.tsv"):
         assert (out / name).stat().st_size > 0, name

@@ -250,3 +250,25 @@ def test_backbone_encoder_local_weights_and_freezing(tmp_path):
         BackboneImageEncoder(8, "resnet18", str(tmp_path / "missing.pth"))
     with pytest.raises(ConfigError, match="ResNet"):
         BackboneImageEncoder(8, "vit_b_16")
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_hidden_keeps_every_layer_before_its_vq(name):
+    torch.manual_seed(0)
+    enc = ENCODERS[name]().eval()
+    x = torch.randn(len(LENGTHS), max(LENGTHS), feature_dim(enc))
+    plain = enc(x, torch.tensor(LENGTHS))
+    assert plain.hidden is None  # nothing kept unless asked
+    out = enc(x, torch.tensor(LENGTHS), hidden=True)
+    torch.testing.assert_close(out.embedding, plain.embedding)
+    assert list(out.hidden) == [f"layer{p}" for p in range(len(enc.strides))]
+    for name_, (h, lengths) in out.hidden.items():
+        vq = f"vq{name_[5:]}"
+        if vq in out.codes:
+            # the activations the VQ layer quantised: each frame's code is its nearest codeword
+            codebook = enc.vq[vq].codebook
+            for b, n in enumerate(lengths.tolist()):
+                nearest = torch.cdist(h[b, :n], codebook).argmin(-1)
+                assert torch.equal(nearest, out.codes[vq][b, :n])
+    last, last_lengths = out.hidden[f"layer{len(enc.strides) - 1}"]
+    assert torch.equal(last_lengths, out.lengths)

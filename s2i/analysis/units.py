@@ -2,7 +2,9 @@
 
 For every VQ layer: word detection (:mod:`s2i.analysis.words`), bitrate (:mod:`s2i.analysis.bitrate`)
 and ABX phone discrimination of its codes (:mod:`s2i.analysis.abx`), next to ABX of MFCCs (the
-baseline) and of the encoder's last layer. The report is a folder:
+baseline) and of every layer's continuous activations (``layer0`` = the front end, ``layer<p>`` =
+the output of block p, before its VQ if it has one): which layer discriminates phones best is a
+finding, not a given. The report is a folder:
 
     report.json        every figure, plus each layer's best (code, word) pairs
     report.md          the same as tables, with the plots
@@ -50,10 +52,10 @@ class Collected:
     phones: list[list]
     durations: np.ndarray  # seconds
     codes: dict[str, list[np.ndarray]]  # layer -> codes per utterance
-    frame_shift: dict[str, float]  # layer (and "final", "mfcc") -> seconds per frame
+    frame_shift: dict[str, float]  # VQ layer, "layer<p>" and "mfcc" -> seconds per frame
     codebooks: dict[str, np.ndarray]  # layer -> (K, D)
     abx_index: np.ndarray  # which utterances also have continuous features for ABX
-    final: list[np.ndarray] = field(default_factory=list)  # last-layer frames of the ABX utterances
+    hidden: dict[str, list[np.ndarray]] = field(default_factory=dict)  # "layer<p>" -> frames of the ABX utterances
     mfcc: list[np.ndarray] = field(default_factory=list)  # MFCCs of the ABX utterances
 
 
@@ -79,8 +81,8 @@ def _num_samples(record: dict, audio_path) -> int:
 
 def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str], abx_index: np.ndarray,
             batch_size: int = 16, progress: bool = False) -> Collected:
-    """Run ``model`` over the utterance ``records`` once: codes of ``layers`` for all, last-layer frames and
-    MFCCs for those in ``abx_index``. ``audio_path(record)`` gives each record's audio file."""
+    """Run ``model`` over the utterance ``records`` once: codes of ``layers`` for all, every layer's
+    activations and MFCCs for those in ``abx_index``. ``audio_path(record)`` gives each record's audio file."""
     import torch
 
     from s2i.audio import feature_extractor, load_audio
@@ -88,15 +90,16 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
     speech = model.speech
     mfcc = feature_extractor("mfcc").to(model.device)
     feature_shift = float(getattr(model.features, "frame_shift", 0.01))
-    final_shift = feature_shift * float(getattr(speech, "strides", [1])[-1])
+    strides = list(getattr(speech, "strides", [1]))
     for_abx = np.zeros(len(records), dtype=bool)
     for_abx[abx_index] = True
     out = Collected(utt_ids=[str(r["utt_id"]) for r in records], speakers=[str(r["speaker"]) for r in records],
                     words=[r.get("words") or [] for r in records], phones=[r.get("phones") or [] for r in records],
                     durations=np.zeros(len(records)), codes={name: [None] * len(records) for name in layers},
-                    frame_shift={"final": final_shift, "mfcc": MFCC_SHIFT}, abx_index=np.asarray(abx_index),
+                    frame_shift={"mfcc": MFCC_SHIFT, **{f"layer{p}": feature_shift * float(s) for p, s in enumerate(strides)}},
+                    abx_index=np.asarray(abx_index),
                     codebooks={name: speech.vq[name].codebook.detach().float().cpu().numpy() for name in layers})
-    final: dict[int, np.ndarray] = {}
+    hidden: dict[str, dict[int, np.ndarray]] = {}
     mfccs: dict[int, np.ndarray] = {}
     # similar lengths batch together; audio is read batch by batch, never all at once
     order = np.argsort([_num_samples(r, audio_path) for r in records], kind="stable")
@@ -106,17 +109,18 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
             waves = {i: load_audio(audio_path(records[i]), max_seconds=None) for i in batch}
             for i, w in waves.items():
                 out.durations[i] = w.shape[0] / SAMPLE_RATE
-            if layers and len(out.frame_shift) == 2:
+            if layers and not all(name in out.frame_shift for name in layers):
                 first = model.units(waves[batch[0]])
                 out.frame_shift.update({name: float(first[name].frame_shift_s) for name in layers})
             feats, lengths = model.speech_features([waves[i] for i in batch])
-            result = model.encode_speech_features(feats, lengths)
+            result = model.encode_speech_features(feats, lengths, hidden=bool(for_abx[batch].any()))
             for b, i in enumerate(batch):
                 for name in layers:
                     n = int(result.code_lengths[name][b])
                     out.codes[name][i] = result.codes[name][b, :n].cpu().numpy()
                 if for_abx[i]:
-                    final[i] = result.frames[b, : int(result.lengths[b])].float().cpu().numpy()
+                    for name, (h, h_lengths) in result.hidden.items():
+                        hidden.setdefault(name, {})[i] = h[b, : int(h_lengths[b])].float().cpu().numpy()
             abx_batch = [i for i in batch if for_abx[i]]
             if abx_batch:
                 wave_lengths = torch.tensor([waves[i].shape[0] for i in abx_batch])
@@ -126,9 +130,19 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
                 m, m_len = mfcc(padded.to(model.device), wave_lengths.to(model.device))
                 for b, i in enumerate(abx_batch):
                     mfccs[i] = m[b, : int(m_len[b])].float().cpu().numpy()
-    out.final = [final[i] for i in out.abx_index]
+    out.hidden = {name: [frames[i] for i in out.abx_index] for name, frames in hidden.items()}
     out.mfcc = [mfccs[i] for i in out.abx_index]
     return out
+
+
+def best_across(abx_rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The model representation with the lowest across-speaker ABX error, and its ratio to MFCC's."""
+    baseline = (abx_rows.get("mfcc") or {}).get("across")
+    across = {name: r["across"] for name, r in abx_rows.items() if name != "mfcc" and r.get("across") is not None}
+    if not across or not baseline:
+        return None
+    name = min(across, key=across.get)
+    return {"representation": name, "across": across[name], "mfcc_across": baseline, "ratio": across[name] / baseline}
 
 
 def _finite(value: Any) -> Any:
@@ -178,7 +192,8 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
             sub = [codes[i] for i in data.abx_index]
             reps.append((f"{name} codes", sub, data.frame_shift[name], None))
             reps.append((f"{name} vectors", sub, data.frame_shift[name], data.codebooks[name]))
-        reps.append(("last layer", data.final, data.frame_shift["final"], None))
+        for name, frames in data.hidden.items():
+            reps.append((name, frames, data.frame_shift[name], None))
         for label, feats, shift, codebook in tqdm(reps, desc="ABX", disable=not progress):
             try:
                 res = abx(feats, shift, phones, speakers, context=abx_context, codebook=codebook,
@@ -187,6 +202,9 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
                 report["abx"][label] = res.summary()
             except ABXError as exc:
                 report["notes"].append(f"ABX of {label}: {exc}")
+        best = best_across(report["abx"])
+        if best:
+            report["abx_best"] = best
     return _finite(report), tables
 
 
@@ -280,6 +298,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## ABX error ({report['abx_context']} context; chance = 50%)", "",
                   "| representation | within speakers | across speakers |", "|---|---|---|"]
         lines += [f"| {name} | {_pct(r['within'])} | {_pct(r['across'])} |" for name, r in report["abx"].items()]
+        if report.get("abx_best"):
+            best = report["abx_best"]
+            lines += ["", f"Best across speakers: {best['representation']}, {_pct(best['across'])} = "
+                          f"{best['ratio']:.2f} x MFCC's {_pct(best['mfcc_across'])}."]
     for name, layer in report["layers"].items():
         rows = layer.get("best_words") or []
         if rows:
@@ -350,7 +372,7 @@ def run(checkpoint: str, *, data: str | None = None, split: str = "test", layers
                                 f"{', '.join(available) or 'none'}")
     layers = list(layers or available)
     if not layers:
-        log.warning("%s has no VQ layers: only ABX of MFCCs and of the last layer is measured", folder)
+        log.warning("%s has no VQ layers: only ABX of MFCCs and of the layers' activations is measured", folder)
     corpus = data or default_data(folder)
     info = read_corpus(corpus)
     records = read_split(info, split)
@@ -397,6 +419,9 @@ def main(args: argparse.Namespace) -> int:
         width = max(len(n) for n in report["abx"])
         for name, r in report["abx"].items():
             print(f"  {name:<{width}}  {_pct(r['within']):>7}  {_pct(r['across']):>7}")
+        if report.get("abx_best"):
+            best = report["abx_best"]
+            print(f"best across speakers: {best['representation']} = {best['ratio']:.2f} x MFCC")
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"report: {out}/report.md")

@@ -9,7 +9,8 @@ For every pair (code ``c``, word ``w``), over a set of utterances with word alig
   ``c`` has its centre inside the word (words shorter than a frame take the frame under their middle);
 * ``F1 = 2PR / (P + R)``.
 
-Stop words (ResDAVEnet-VQ's short list, :data:`STOP_WORDS`) and silence markers are left out, so they
+Stop words (ResDAVEnet-VQ's short list, :data:`STOP_WORDS`; also tokens made of stop words only, such
+as eSpeak's merged "of a") and silence markers are left out, so they
 are never a code's word, nor counted among the words. A word is *detected* when its best code reaches
 F1 ≥ 0.5; the paper reports how many words are detected and the mean F1 of the 250 best-detected
 words. (ResDAVEnet-VQ keeps stop words in the word count with F1 = 0 and places the window around the
@@ -149,7 +150,8 @@ class _Words:
                     raise WordDetectionError(f"utterance {u}: a word alignment must be (word, start_s, end_s), "
                                              f"got {item!r}") from None
                 w = normalize_word(str(text))
-                if w in stop or end <= start:
+                # aligners may merge function words into one token ("of a", "on the"): still stop words
+                if w in stop or end <= start or all(part in stop for part in w.split()):
                     continue
                 rows.append((index.setdefault(w, len(index)), u, start, end))
         arr = np.array(rows, dtype=float).reshape(-1, 4)

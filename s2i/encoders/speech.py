@@ -43,6 +43,8 @@ class SpeechOutput:
     codes: dict[str, torch.Tensor] = field(default_factory=dict)  # "vq{p}" -> (B, T_p), -1 at padding
     code_lengths: dict[str, torch.Tensor] = field(default_factory=dict)  # "vq{p}" -> (B,)
     vq_stats: dict[str, dict[str, float]] = field(default_factory=dict)  # "vq{p}" -> perplexity, usage
+    # with ``hidden=True``: "layer{p}" -> (activations (B, T_p, C_p) before any VQ, their lengths (B,))
+    hidden: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def parse_vq_positions(positions: str, sizes: tuple[int, ...], num_positions: int) -> dict[int, int]:
@@ -84,6 +86,8 @@ class _SpeechEncoder(nn.Module):
 
     def _quantize(self, position: int, x: torch.Tensor, lengths: torch.Tensor, out: SpeechOutput) -> torch.Tensor:
         """Apply VQ layer ``vq{position}`` if there is one, recording its codes, loss and statistics."""
+        if out.hidden is not None:
+            out.hidden[f"layer{position}"] = (x, lengths)
         name = f"vq{position}"
         if name not in self.vq:
             return x
@@ -100,14 +104,14 @@ class _SpeechEncoder(nn.Module):
         return out
 
     @staticmethod
-    def _start(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, SpeechOutput]:
+    def _start(x: torch.Tensor, lengths: torch.Tensor, hidden: bool = False) -> tuple[torch.Tensor, SpeechOutput]:
         if x.dim() != 3:
             raise ValueError(f"speech features must be (batch, frames, features); got shape {tuple(x.shape)}")
         lengths = lengths.to(device=x.device, dtype=torch.long).clamp(max=x.shape[1])
         if bool((lengths < 1).any()):
             raise ValueError("every utterance needs at least one frame (a length was 0)")
         x = x * length_mask(lengths, x.shape[1])[:, :, None].to(x.dtype)  # whatever the padding held
-        empty = SpeechOutput(x.new_zeros(0), x.new_zeros(0), lengths, x.new_zeros(()).float())
+        empty = SpeechOutput(x.new_zeros(0), x.new_zeros(0), lengths, x.new_zeros(()).float(), hidden={} if hidden else None)
         return x, empty
 
 
@@ -140,8 +144,8 @@ class RNNSpeechEncoder(_SpeechEncoder):
         #: downsampling (in input frames) at each VQ position
         self.strides = [conv_stride] * (num_layers + 1)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> SpeechOutput:
-        x, out = self._start(x, lengths)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, hidden: bool = False) -> SpeechOutput:
+        x, out = self._start(x, lengths, hidden)
         if x.shape[1] < self.kernel:
             x = F.pad(x, (0, 0, 0, self.kernel - x.shape[1]))
         lengths = torch.div(out.lengths.clamp(min=self.kernel) - self.kernel, self.stride, rounding_mode="floor") + 1
@@ -261,8 +265,8 @@ class ResDAVEnet(_SpeechEncoder):
         self._make_head(widths[-1], embed_dim, pooling, attention_hidden, attention_heads)
         self.strides = [2 ** p for p in range(len(widths))]
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> SpeechOutput:
-        x, out = self._start(x, lengths)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, hidden: bool = False) -> SpeechOutput:
+        x, out = self._start(x, lengths, hidden)
         lengths = out.lengths
         h = self.front(x.transpose(1, 2))  # (B, C, T)
         mask = length_mask(lengths, h.shape[2])
