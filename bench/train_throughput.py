@@ -8,7 +8,9 @@ batches, each padded to its longest utterance).
 
 What is timed is a full training step on a padded batch: speech and image forward, the preset's loss
 (+ VQ loss), backward and Adam, with features and images already in memory (random values of the
-right shapes; the loader's own cost is small next to the model's with memory-mapped caches).
+right shapes; the loader's own cost is small next to the model's with memory-mapped caches). Then
+each encoder's forward + backward alone on the same batches: where a step's time goes (the rest is
+the loss, Adam and the VQ layers' bookkeeping).
 Utterance lengths come from the built-in corpus's training split when ``data/synthetic-default`` has
 been prepared, else from a documented stand-in: durations log-normal with median 4 s and sigma 0.35
 (Flickr8k's spoken captions average about 4-5 s), cut to [1 s, 10.24 s], 100 frames per second.
@@ -125,6 +127,22 @@ def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batc
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
+    # where a step's time goes: each encoder's forward + backward alone, on the same batches
+    parts = {"speech": 0.0, "image": 0.0}
+    for idx in timed:
+        audio, lens, image = batch(idx)
+        for part, run_part in (("speech", lambda: model.encode_speech_features(audio, lens).embedding),
+                               ("image", lambda: model.encode_image(image))):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                out = run_part()
+            out.float().sum().backward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            parts[part] += time.perf_counter() - t0
+            opt.zero_grad(set_to_none=True)
     padded_timed = sum(len(b) * int(lengths[b].max()) for b in timed)
     padded_epoch = sum(len(b) * int(lengths[b].max()) for b in epoch)
     epoch_seconds = seconds / padded_timed * padded_epoch
@@ -133,6 +151,8 @@ def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batc
         "lengths": source, "utterances_per_s": sum(map(len, timed)) / seconds,
         "epoch_utterances_per_s": sum(map(len, epoch)) / epoch_seconds,
         "padding_fraction": padding_fraction(epoch, lengths), "batches_per_epoch": len(epoch),
+        "step_s": seconds / len(timed), "speech_encoder_s": parts["speech"] / len(timed),
+        "image_encoder_s": parts["image"] / len(timed),
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_growth_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before,
@@ -187,6 +207,7 @@ def main() -> int:
             print(f"{name:<20} {batching:<11} batch {r['batch_size']:>3}  {r['epoch_utterances_per_s']:8.3g} utt/s (epoch)"
                   f"  {r['utterances_per_s']:8.3g} utt/s (measured, {r['steps']} steps)  padding {100 * r['padding_fraction']:4.1f}%"
                   f"  peak RSS {r['peak_rss_MB']:7.0f} MB (+{r['rss_growth_MB']:.0f})"
+                  f"  step {r['step_s']:.3g} s = speech enc. {r['speech_encoder_s']:.3g} s + image enc. {r['image_encoder_s']:.3g} s + rest"
                   + (f"  peak GPU {r['peak_gpu_MB']:.0f} MB" if "peak_gpu_MB" in r else ""), flush=True)
     if results:
         print(f"lengths: {results[0]['lengths']}")
