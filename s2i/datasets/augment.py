@@ -174,6 +174,18 @@ def _parse_item(item: str, default_probability: float, ranges: dict[str, tuple[f
     return _Step(name, low, high, probability)
 
 
+#: a step's value where it is not applied: factors 1, everything else (widths, angles, shifts) 0
+_NEUTRAL = {"vtlp": 1.0, "tempo": 1.0, "scale": 1.0}
+
+
+def _draw(step: _Step, batch: int, draws: int = 1) -> torch.Tensor:
+    """``(batch, draws)`` values of ``step`` from torch's global RNG, its neutral value where the
+    step's probability skips an item (one skip decision per item, shared by its draws)."""
+    value = step.low + (step.high - step.low) * torch.rand(batch, draws)
+    apply = (torch.rand(batch) < step.probability)[:, None]
+    return torch.where(apply, value, torch.full_like(value, _NEUTRAL.get(step.name, 0.0)))
+
+
 def _parse_spec(spec: str, probability: float, ranges: dict[str, tuple[float, float]], presets: dict[str, str],
                 example: str) -> tuple[str, list[_Step]]:
     spec = presets.get(spec.strip(), spec)
@@ -267,13 +279,6 @@ class FeatureAugment(torch.nn.Module):
                                "(train with model.speech.features=fbank, or leave vtlp out)")
         self.f_min, self.f_max = f_min, f_max
 
-    def _draw(self, step: _Step, batch: int, device: torch.device) -> torch.Tensor:
-        """One value per utterance; the step's neutral value (factor 1, width 0) where it is skipped."""
-        value = step.low + (step.high - step.low) * torch.rand(batch)
-        apply = torch.rand(batch) < step.probability
-        neutral = 1.0 if step.name in ("vtlp", "tempo") else 0.0
-        return torch.where(apply, value, torch.full_like(value, neutral)).to(device)
-
     def _vtlp(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         bands = x.shape[-1]
         lo, hi = _slaney_mel(torch.tensor(self.f_min)), _slaney_mel(torch.tensor(self.f_max))
@@ -313,7 +318,7 @@ class FeatureAugment(torch.nn.Module):
             return x, lengths
         batch = x.shape[0]
         for step in self.steps:
-            value = self._draw(step, batch, x.device)
+            value = _draw(step, batch)[:, 0].to(x.device)
             if step.name == "vtlp":
                 x = self._vtlp(x, value)
             elif step.name == "tempo":
@@ -354,6 +359,7 @@ class ImageAugment(torch.nn.Module):
     def __init__(self, spec: str, probability: float = 1.0) -> None:
         super().__init__()
         self.spec, self.steps = _parse_spec(spec, probability, IMAGE_RANGES, IMAGE_PRESETS, "'affine' or 'rotate:-5..5,shift'")
+        self.elastic = any(step.name == "elastic" for step in self.steps)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -362,24 +368,22 @@ class ImageAugment(torch.nn.Module):
         angle, zoom = torch.zeros(batch), torch.ones(batch)
         shift = torch.zeros(batch, 2)
         elastic = torch.zeros(batch)
-        for step in self.steps:
-            draws = 2 if step.name == "shift" else 1
-            value = step.low + (step.high - step.low) * torch.rand(batch, draws)
-            apply = (torch.rand(batch) < step.probability)[:, None]
+        for step in self.steps:  # an item listed twice composes with itself
+            value = _draw(step, batch, 2 if step.name == "shift" else 1)
             if step.name == "rotate":
-                angle = torch.where(apply[:, 0], angle + torch.deg2rad(value[:, 0]), angle)
+                angle = angle + torch.deg2rad(value[:, 0])
             elif step.name == "scale":
-                zoom = torch.where(apply[:, 0], zoom * value[:, 0], zoom)
+                zoom = zoom * value[:, 0]
             elif step.name == "elastic":
-                elastic = torch.where(apply[:, 0], elastic + value[:, 0], elastic)
+                elastic = elastic + value[:, 0]
             else:
-                shift = torch.where(apply, shift + 2 * value, shift)  # affine_grid's coordinates span [-1, 1]
+                shift = shift + 2 * value  # affine_grid's coordinates span [-1, 1]
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         # theta maps output coordinates to the input coordinates they sample
         theta = torch.stack([torch.stack([cos, -sin, -shift[:, 0]], 1), torch.stack([sin, cos, -shift[:, 1]], 1)], 1)
         theta = theta.to(images.device, images.dtype)
         grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-        if any(step.name == "elastic" for step in self.steps):
+        if self.elastic:
             field = torch.randn(batch, 2, ELASTIC_GRID, ELASTIC_GRID) * (2 * elastic)[:, None, None, None]
             field = torch.nn.functional.interpolate(field.to(images.device, images.dtype), size=images.shape[-2:],
                                                     mode="bicubic", align_corners=True)
