@@ -132,13 +132,17 @@ class S2I(nn.Module):
                 out = self.encode_speech_features(*self.speech_features(audio, sample_rate))
         finally:
             self.train(was_training)
-        shift = float(getattr(self.features, "frame_shift", 0.01))
         result = []
         for b in range(out.embedding.shape[0]):
             result.append({name: UnitSequence(codes[b, : int(out.code_lengths[name][b])].cpu(),
-                                              shift * self.speech.strides[int(name[2:])])
+                                              self.frame_shift(int(name[2:])))
                            for name, codes in out.codes.items()})
         return result[0] if single else result
+
+    def frame_shift(self, position: int) -> float:
+        """Seconds between frames at speech-encoder position ``position`` (0 = front end; VQ layer
+        ``vq{p}`` and ``SpeechOutput.hidden["layer{p}"]`` run at position p)."""
+        return float(getattr(self.features, "frame_shift", 0.01)) * self.speech.strides[position]
 
     def _waveforms(self, audio: Any, sample_rate: int, lengths: torch.Tensor | None,
                    trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -461,8 +461,9 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 text_loss = speech_text_loss = None
                 if use_text:
                     txt_all = gather_rows(txt.float(), sizes, rank)
-                    text_loss = loss_fn(img_all, txt_all, image_ids, logit_scale)
-                    loss = loss + cfg.text_loss_weight * text_loss
+                    if cfg.text_loss_weight > 0:
+                        text_loss = loss_fn(img_all, txt_all, image_ids, logit_scale)
+                        loss = loss + cfg.text_loss_weight * text_loss
                     if cfg.speech_text_loss_weight > 0:
                         # the transcript's embedding stands in for the image: same loss, same positives
                         speech_text_loss = loss_fn(txt_all, cap_all, image_ids, logit_scale)

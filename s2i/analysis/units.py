@@ -89,14 +89,13 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
 
     speech = model.speech
     mfcc = feature_extractor("mfcc").to(model.device)
-    feature_shift = float(getattr(model.features, "frame_shift", 0.01))
-    strides = list(getattr(speech, "strides", [1]))
     for_abx = np.zeros(len(records), dtype=bool)
     for_abx[abx_index] = True
     out = Collected(utt_ids=[str(r["utt_id"]) for r in records], speakers=[str(r["speaker"]) for r in records],
                     words=[r.get("words") or [] for r in records], phones=[r.get("phones") or [] for r in records],
                     durations=np.zeros(len(records)), codes={name: [None] * len(records) for name in layers},
-                    frame_shift={"mfcc": MFCC_SHIFT, **{f"layer{p}": feature_shift * float(s) for p, s in enumerate(strides)}},
+                    frame_shift={"mfcc": MFCC_SHIFT, **{name: model.frame_shift(int(name[2:])) for name in layers},
+                                 **{f"layer{p}": model.frame_shift(p) for p in range(len(speech.strides))}},
                     abx_index=np.asarray(abx_index),
                     codebooks={name: speech.vq[name].codebook.detach().float().cpu().numpy() for name in layers})
     hidden: dict[str, dict[int, np.ndarray]] = {}
@@ -109,9 +108,6 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
             waves = {i: load_audio(audio_path(records[i]), max_seconds=None) for i in batch}
             for i, w in waves.items():
                 out.durations[i] = w.shape[0] / SAMPLE_RATE
-            if layers and not all(name in out.frame_shift for name in layers):
-                first = model.units(waves[batch[0]])
-                out.frame_shift.update({name: float(first[name].frame_shift_s) for name in layers})
             feats, lengths = model.speech_features([waves[i] for i in batch])
             result = model.encode_speech_features(feats, lengths, hidden=bool(for_abx[batch].any()))
             for b, i in enumerate(batch):
