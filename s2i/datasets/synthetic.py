@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import multiprocessing
+import os
 import re
 import shutil
 import sys
@@ -718,7 +719,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=list(SIZES_PRESETS), default="default",
                         help="small: seconds, for tests; default: 5,000 train images; large: 20,000")
     parser.add_argument("--seed", type=int, default=0, help="the corpus is a pure function of size and seed")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (default: every core; the corpus does not depend on it)")
     parser.add_argument("--force", action="store_true", help="replace a corpus of another size/seed in --out")
     parser.add_argument("--contact-sheet", default="", metavar="PNG", help="also draw a grid of sample scenes")
     parser.add_argument("--splits", default=",".join(SPLITS), metavar="LIST",
