@@ -430,7 +430,7 @@ class _FramedSpectrum(nn.Module):
             x = x[None]
         if x.ndim != 2:
             raise ValueError(f"waveforms must be (N,) or (B, N), got shape {tuple(x.shape)}")
-        x = x.to(self.window.device, torch.float32)
+        x = x.to(self.window.device, self.window.dtype)  # float32 unless the module was cast
         if lengths is None:
             lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
         lengths = torch.as_tensor(lengths, device=x.device).long().reshape(-1)

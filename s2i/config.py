@@ -124,7 +124,8 @@ class TrainConfig:
     bucket: bool = True  # length-bucketed batches
     one_caption_per_image: bool = True
     workers: int = 0
-    amp: bool = True  # mixed precision when on a GPU
+    amp: bool = True  # bf16 autocast of the encoders when on a GPU
+    cpu_amp: bool = False  # bf16 autocast on a CPU too: faster where it has bf16 units (AMX, AVX512-BF16)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
     eval_every: int = 1  # epochs between validation runs

@@ -331,7 +331,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     set_seed(cfg.seed)  # identical initial weights in every process
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp if device.type == "cuda" else cfg.cpu_amp
 
     # -- data ----------------------------------------------------------------------------------
     features = model_cfg.speech.features
