@@ -5,6 +5,7 @@ batches, each padded to its longest utterance).
     python bench/train_throughput.py                          # merkx2021_rnn (the seed's "rnn") + the small presets
     python bench/train_throughput.py --presets rnn_small --steps 20 --device cuda
     python bench/train_throughput.py --json bench/train_throughput.json
+    python bench/train_throughput.py --presets resdavenet_vq_small --cpu-amp   # bf16 autocast on the CPU
 
 What is timed is a full training step on a padded batch: speech and image forward, the preset's loss
 (+ VQ loss), backward and Adam, with features and images already in memory (random values of the
@@ -73,7 +74,8 @@ def utterance_lengths(features: str, n: int = 4000, seed: int = 0) -> tuple[np.n
     return (seconds * 100).astype(np.int64), f"stand-in log-normal durations (median 4 s, {n} utterances)"
 
 
-def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batch_size: int | None) -> dict:
+def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batch_size: int | None,
+            cpu_amp: bool = False) -> dict:
     """Time ``steps`` training steps of preset ``name`` (in this process) and measure its memory."""
     from s2i.losses import build_loss
     from s2i.model import build_model
@@ -90,6 +92,7 @@ def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batc
     timed = [epoch[i] for i in np.argsort(max_len)[np.linspace(0, len(epoch) - 1, steps).round().astype(int)]]
 
     dev = torch.device(device)
+    amp = dev.type == "cuda" or cpu_amp  # as training: bf16 autocast on a GPU, on a CPU with cpu_amp
     model = build_model(model_cfg).to(dev).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = build_loss(train_over.get("loss", "hinge"), margin=train_over.get("margin"))
@@ -103,7 +106,7 @@ def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batc
         return audio.to(dev), lens.to(dev), image.to(dev)
 
     def step(audio: torch.Tensor, lens: torch.Tensor, image: torch.Tensor) -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             speech = model.encode_speech_features(audio, lens)
             images = model.encode_image(image)
         loss = loss_fn(images.float(), speech.embedding.float(), None, model.logit_scale) + speech.vq_loss
@@ -136,7 +139,7 @@ def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batc
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 out = run_part()
             out.float().sum().backward()
             if dev.type == "cuda":
@@ -151,7 +154,7 @@ def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batc
         "lengths": source, "utterances_per_s": sum(map(len, timed)) / seconds,
         "epoch_utterances_per_s": sum(map(len, epoch)) / epoch_seconds,
         "padding_fraction": padding_fraction(epoch, lengths), "batches_per_epoch": len(epoch),
-        "step_s": seconds / len(timed), "speech_encoder_s": parts["speech"] / len(timed),
+        "cpu_amp": cpu_amp, "step_s": seconds / len(timed), "speech_encoder_s": parts["speech"] / len(timed),
         "image_encoder_s": parts["image"] / len(timed),
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -171,6 +174,7 @@ def main() -> int:
                              "OpenMP threads that wait for each other at every RNN time step slow down many-fold")
     parser.add_argument("--batch-size", type=int, default=None, help="default: each preset's own")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too (training's cpu_amp)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "BATCHING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,7 +183,8 @@ def main() -> int:
         warmup, steps = STEPS.get(name, (1, 10))
         if args.threads:
             torch.set_num_threads(args.threads)
-        print(json.dumps(run_one(name, batching, warmup, args.steps or steps, args.device, args.batch_size)))
+        print(json.dumps(run_one(name, batching, warmup, args.steps or steps, args.device, args.batch_size,
+                                 args.cpu_amp)))
         return 0
 
     if args.threads:
@@ -195,6 +200,8 @@ def main() -> int:
                 cmd += ["--threads", str(args.threads)]
             if args.batch_size:
                 cmd += ["--batch-size", str(args.batch_size)]
+            if args.cpu_amp:
+                cmd += ["--cpu-amp"]
             env = dict(os.environ)
             if args.threads:  # before torch starts: torch.set_num_threads alone leaves OpenMP's pool in place
                 env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

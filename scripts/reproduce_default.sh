@@ -19,7 +19,7 @@ step() {  # run one step and say how long it took
 step $PY -m s2i prepare synthetic --out data/synthetic-default --size default
 rm -rf runs/default_novq runs/default
 step $PY -m s2i train configs/default_novq.yaml "$@"   # stage 1: no VQ (ResDAVEnet-VQ's {} -> {2,3} schedule)
-step $PY -m s2i train configs/default.yaml "$@"        # stage 2: adds the VQ layers, two more epochs
+step $PY -m s2i train configs/default.yaml "$@"        # stage 2: adds the VQ layers, one more epoch
 rm -rf checkpoints/default && mkdir -p checkpoints/default
 cp runs/default/best/model.safetensors runs/default/best/config.json checkpoints/default/
 step $PY -m s2i export checkpoints/default --data data/synthetic-default --split test --max-images 100 --layout pca

@@ -187,6 +187,28 @@ def test_tiny_training_run_learns_far_above_chance(corpus, tmp_path):
     print(f"tiny run: {seconds:.1f} s, final val {final}")
 
 
+def test_cpu_amp_trains_the_encoders_in_bf16(corpus, tmp_path, monkeypatch):
+    """cpu_amp: the training steps' encoders run under bf16 autocast on the CPU (validation stays
+    float32), and the run still learns."""
+    from s2i.model import S2I
+
+    seen: list[bool] = []
+    encode_image = S2I.encode_image
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return encode_image(self, *args, **kwargs)
+
+    monkeypatch.setattr(S2I, "encode_image", spy)
+    train(tiny_train(corpus, tmp_path / "off", epochs=1), tiny_model())
+    assert seen and not any(seen)
+    seen.clear()
+    train(tiny_train(corpus, tmp_path / "amp", epochs=6, cpu_amp=True), tiny_model())
+    assert True in seen and False in seen  # training steps in bf16, validation in float32
+    final = [r for r in _lines(tmp_path / "amp" / "metrics.jsonl") if "val" in r][-1]["val"]
+    assert final["speech_to_image"]["R@10"] > 0.8, final
+
+
 def _same_state(a: Path, b: Path) -> None:
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
