@@ -105,8 +105,21 @@ def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batc
         image = torch.rand(len(idx), img.in_dim) if img.arch == "linear" else torch.rand(len(idx), 3, img.image_size, img.image_size)
         return audio.to(dev), lens.to(dev), image.to(dev)
 
+    def autocast() -> torch.autocast:
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
+
+    def seconds_of(work) -> float:
+        """Wall time of ``work()``, the GPU's queue drained before and after."""
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        work()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     def step(audio: torch.Tensor, lens: torch.Tensor, image: torch.Tensor) -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast():
             speech = model.encode_speech_features(audio, lens)
             images = model.encode_image(image)
         loss = loss_fn(images.float(), speech.embedding.float(), None, model.logit_scale) + speech.vq_loss
@@ -123,28 +136,19 @@ def run_one(name: str, batching: str, warmup: int, steps: int, device: str, batc
     seconds = 0.0
     for idx in timed:
         data = batch(idx)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step(*data)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
+        seconds += seconds_of(lambda: step(*data))
     # where a step's time goes: each encoder's forward + backward alone, on the same batches
     parts = {"speech": 0.0, "image": 0.0}
     for idx in timed:
         audio, lens, image = batch(idx)
         for part, run_part in (("speech", lambda: model.encode_speech_features(audio, lens).embedding),
                                ("image", lambda: model.encode_image(image))):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                out = run_part()
-            out.float().sum().backward()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            parts[part] += time.perf_counter() - t0
+            def forward_backward() -> None:
+                with autocast():
+                    out = run_part()
+                out.float().sum().backward()
+
+            parts[part] += seconds_of(forward_backward)
             opt.zero_grad(set_to_none=True)
     padded_timed = sum(len(b) * int(lengths[b].max()) for b in timed)
     padded_epoch = sum(len(b) * int(lengths[b].max()) for b in epoch)

@@ -145,6 +145,11 @@ def test_mfcc_block_size_and_empty_utterances():
     assert empty.shape == (2, 0, 39) and empty_len.tolist() == [0, 0]
 
 
+def _three_utterances() -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch of three speech-like utterances (1 s, 0.56 s, 0.19 s) and their lengths."""
+    return torch.from_numpy(np.stack([speech_like(1.0, seed=s) for s in range(3)])), torch.tensor([16000, 9000, 3000])
+
+
 def _float64_reference(name: str, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The same features computed in float64 (the module follows its buffers' dtype)."""
     return feature_extractor(name).double()(x.double(), lengths)[0]
@@ -154,8 +159,7 @@ def test_float32_features_close_to_float64():
     """float32 rounding is the yardstick for comparing devices: MFCC cepstra of frames whose high
     bands sit ~1e-7 below the frame's peak (FFT rounding is relative to the whole frame) move by up
     to ~0.01 after normalisation; fbank (dB, floored 80 dB below the peak) by ~1e-5."""
-    x = torch.from_numpy(np.stack([speech_like(1.0, seed=s) for s in range(3)]))
-    lengths = torch.tensor([16000, 9000, 3000])
+    x, lengths = _three_utterances()
     for name, tol in (("mfcc", 0.02), ("fbank", 1e-3)):
         single = feature_extractor(name)(x, lengths)[0]
         assert single.dtype == torch.float32
@@ -169,8 +173,7 @@ def test_gpu_matches_cpu():
     """The GPU's features are as close to the float64 reference as the CPU's float32 ones (on an H200,
     2026-11-28: MFCC GPU vs CPU differed by up to 8.3e-3 at 19 of 11,583 values, where CPU float32 vs
     float64 differs by 7.6e-3, so an absolute 1e-3 between devices was the wrong yardstick)."""
-    x = torch.from_numpy(np.stack([speech_like(1.0, seed=s) for s in range(3)]))
-    lengths = torch.tensor([16000, 9000, 3000])
+    x, lengths = _three_utterances()
     for name in ("mfcc", "fbank"):
         module = feature_extractor(name)
         cpu, cpu_len = module(x, lengths)
