@@ -573,6 +573,9 @@ class LogMelFbank(_FramedSpectrum):
 
 
 FEATURES = {"mfcc": MFCC, "fbank": LogMelFbank}
+#: bumped when a feature type's values change, so that feature caches made by earlier code are rebuilt,
+#: not read (mfcc 2: zero energies floored at float64's eps, as python_speech_features does)
+FEATURE_VERSIONS: dict[str, int] = {"mfcc": 2, "fbank": 1}
 
 
 def feature_extractor(name: str, **options) -> nn.Module:

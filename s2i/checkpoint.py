@@ -4,7 +4,7 @@ A run folder holds two checkpoints::
 
     RUN/last/   model.safetensors + config.json      (the model, ``s2i.model.save`` format: s2i.load() reads it)
                 training_state.safetensors + .json   (optimiser, schedule step, RNG states, epoch/step, best metric, config)
-    RUN/best/   model.safetensors + config.json      (the best model by validation mean R@10; a plain model folder)
+    RUN/best/   model.safetensors + config.json      (the best model by validation score; a plain model folder)
 
 Nested training state (an optimiser's ``state_dict()``, RNG states, numbers, config dicts) is split by
 :func:`flatten` into a flat ``{key: tensor}`` map (stored as safetensors) and a JSON *skeleton* in which

@@ -138,6 +138,8 @@ class TrainConfig:
     log_every: int = 50  # steps between metric lines
     max_steps: int = 0  # stop (with a checkpoint, resumable) after this many steps in all; 0 = run every epoch
     max_minutes: float = 0.0  # stop (with a checkpoint, resumable) after this much training wall time; 0 = no budget
+    budget_minutes: float = 0.0  # finish after this much training wall time (or ``epochs``, whichever comes first),
+    #   with the cosine schedule decayed to min_lr by then: as many epochs as the machine allows; 0 = epochs only
     eval_batch_size: int = 100  # utterances per batch when embedding the validation split (the seed: 100)
     tensorboard: bool = True  # also write TensorBoard logs to out_dir/tb
 
@@ -159,6 +161,7 @@ _TRAIN_MINIMA: dict[str, tuple] = {
     "warmup_steps": (0, False), "margin": (0, False), "hardest_n": (0, False), "text_loss_weight": (0, False),
     "speech_text_loss_weight": (0, False), "grad_clip": (0, False), "workers": (0, False), "eval_every": (0, False), "val_max_images": (0, False),
     "max_frames": (1, False), "log_every": (1, False), "max_steps": (0, False), "max_minutes": (0, False),
+    "budget_minutes": (0, False),
     "eval_batch_size": (1, False),
 }
 

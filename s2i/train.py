@@ -5,11 +5,12 @@
     python -m s2i train rnn_small model.speech.vq_positions=0110 model.speech.vq_sizes=[0,64,256,0]
     python -m s2i train my_run.yaml                                 # YAML: {preset: ..., model: {...}, <train keys>}
     python -m s2i train rnn_small out_dir=runs/x --resume           # continue runs/x exactly where it stopped
+    python -m s2i train rnn_small epochs=20 budget_minutes=40       # as many epochs as fit in 40 min, LR decayed by then
 
 Plain ``key=value`` overrides set :class:`s2i.config.TrainConfig` fields; ``model.<key>=value`` set
 :class:`s2i.config.ModelConfig` fields. A run folder ``out_dir`` receives ``last/`` (a checkpoint
 written every epoch, and on SIGTERM / Ctrl-C after finishing the current step), ``best/`` (the model
-with the best validation mean R@10 of both directions, loadable with ``s2i.load``), ``metrics.jsonl``
+with the best validation score, the mean R@1/5/10 of speech <-> image, loadable with ``s2i.load``), ``metrics.jsonl``
 (one JSON object per line: training lines ``{"step", "epoch", "loss", "lr", "vq/<layer>/perplexity",
 ...}`` and validation lines ``{"epoch", "step", "val": {...}}``) and TensorBoard logs in ``tb/``.
 ``--resume`` continues from ``last/`` and ends with the same weights as an uninterrupted run (same
@@ -59,7 +60,7 @@ from s2i import checkpoint
 from s2i.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, from_dict, preset, to_dict
 from s2i.datasets.augment import FeatureAugment, ImageAugment, from_spec
 from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSampler, collate
-from s2i.evaluate import mean_r10, model_folder, retrieval_scores
+from s2i.evaluate import mean_r10, model_folder, retrieval_scores, selection_score
 from s2i.losses import build_loss
 from s2i.encoders.text import Tokenizer
 from s2i.model import build_model, load_matching, read_weights
@@ -80,16 +81,22 @@ def cyclic_cosine(step: int, min_lr: float, max_lr: float, cycle_steps: int) -> 
     return (max_lr - min_lr) * 0.5 * (math.cos(math.pi * (1 + 2 * t / cycle_steps)) + 1) + min_lr
 
 
-def warmup_cosine(step: int, min_lr: float, max_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up from 0 to ``max_lr`` over ``warmup_steps``, then a cosine decay to ``min_lr``."""
+def warmup_cosine(step: int, min_lr: float, max_lr: float, warmup_steps: int, total_steps: int,
+                  time_progress: float = 0.0) -> float:
+    """Linear warm-up from 0 to ``max_lr`` over ``warmup_steps``, then a cosine decay to ``min_lr``.
+
+    The decay's progress is the further of the steps' and ``time_progress`` (the spent fraction of a
+    wall-clock budget), so a run on a slow machine still ends at ``min_lr``.
+    """
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_progress))
     return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
-    """The learning rate of optimiser step ``step`` (0-based) for ``cfg.schedule``.
+def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int, time_progress: float = 0.0) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) for ``cfg.schedule``; ``time_progress``:
+    the spent fraction of ``cfg.budget_minutes`` (the cosine schedule follows it when it is ahead).
 
     The cyclic cycle length is ``cycle_epochs`` x the real number of batches per epoch (the seed
     computed it from ``int(n / batch)``, so its cycles drifted against the epochs).
@@ -97,7 +104,7 @@ def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     if cfg.schedule == "cyclic":
         return cyclic_cosine(step, cfg.min_lr, cfg.lr, max(1, round(cfg.cycle_epochs * steps_per_epoch)))
     if cfg.schedule == "cosine":
-        return warmup_cosine(step, cfg.min_lr, cfg.lr, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
+        return warmup_cosine(step, cfg.min_lr, cfg.lr, cfg.warmup_steps, cfg.epochs * steps_per_epoch, time_progress)
     if cfg.schedule == "constant":
         return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
     raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose from {list(SCHEDULES)}")
@@ -194,13 +201,18 @@ def average_buffers(model: torch.nn.Module) -> None:
             buf /= dist.get_world_size()
 
 
+def max_over_processes(value: float, device: torch.device) -> float:
+    """The largest ``value`` of all processes (so that every process uses the same number)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def any_process(flag: bool, device: torch.device) -> bool:
     """True if ``flag`` is true in any process (so every process stops at the same step)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(max_over_processes(float(flag), device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +303,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     ``resume=True`` continues from ``cfg.out_dir/last`` if it exists (its stored model config wins).
     Stops early, with a checkpoint, on SIGTERM / Ctrl-C, after ``cfg.max_steps`` steps or after
     ``cfg.max_minutes`` of training (a wall-clock budget, e.g. to compare recipes at equal cost).
+    ``cfg.budget_minutes`` instead *finishes* the run after that much training: the cosine schedule
+    follows the spent fraction of the budget, and the last (partial) epoch is validated.
     """
     return run(cfg, model_cfg, resume).model
 
@@ -417,11 +431,16 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
         """Wall seconds of training so far, across resumes: what 'time to reach R@10 0.9' is measured in."""
         return elapsed_before + time.perf_counter() - t_start
 
+    def budget_progress() -> float:
+        """The spent fraction of ``cfg.budget_minutes`` (0 without one), the same in every process."""
+        return max_over_processes(elapsed() / (60 * cfg.budget_minutes), device) if cfg.budget_minutes > 0 else 0.0
+
     # -- the loop ------------------------------------------------------------------------------
     stop = StopRequest()
     interrupted = out_of_time = False
+    progress = budget_progress()
     with stop:
-        while epoch < cfg.epochs and not interrupted:
+        while epoch < cfg.epochs and not interrupted and progress < 1:
             model.train()
             batches = global_batches(train_set, cfg, epoch, world)
             mine = [split_batch(b, world)[rank] for b in batches]
@@ -437,7 +456,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 global_idx = batches[batch_in_epoch]
                 sizes = [len(s) for s in split_batch(global_idx, world)]
                 image_ids = train_set.caption_image[torch.as_tensor(global_idx)].to(device)
-                lr = lr_at(step, cfg, steps_per_epoch)
+                lr = lr_at(step, cfg, steps_per_epoch, progress)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
@@ -506,24 +525,28 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                     window, window_n, t_window, utts = {}, 0, now, 0
 
+                progress = budget_progress()
+                if progress >= 1:  # the budget is spent: the run ends here, validated like a last epoch
+                    break
                 out_of_time = cfg.max_minutes > 0 and elapsed() >= 60 * cfg.max_minutes
                 if any_process(stop.requested or (cfg.max_steps > 0 and step >= cfg.max_steps) or out_of_time, device):
                     interrupted = batch_in_epoch < len(batches) or epoch + 1 < cfg.epochs
                     break
             bar.close()
 
-            if batch_in_epoch < len(batches):  # stopped mid-epoch
+            if batch_in_epoch < len(batches) and progress < 1:  # stopped mid-epoch
                 save_last(finished_epoch=False)
                 break
 
             # -- end of epoch: validate, keep the best, checkpoint ------------------------------
             val = None
-            if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+                                     or progress >= 1):
                 average_buffers(model)
                 if main:
                     val = retrieval_scores(model, val_set, batch_size=cfg.eval_batch_size,
                                            max_images=cfg.val_max_images, amp=use_amp)
-                    val["mean_R@10"] = mean_r10(val)
+                    val["mean_R@10"], val["score"] = mean_r10(val), selection_score(val)
                     _jsonl(metrics_path, {"epoch": epoch + 1, "step": step, "val": val, "elapsed_s": round(elapsed(), 1)})
                     if writer is not None:
                         for direction, scores in val.items():
@@ -531,10 +554,10 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                                 for k, v in scores.items():
                                     writer.add_scalar(f"val/{direction}/{k}", v, step)
                     log.info("epoch %d: val %s", epoch + 1, _summary(val))
-                    if val["mean_R@10"] > best:
-                        best = val["mean_R@10"]
+                    if val["score"] >= best:  # ties go to the later epoch
+                        best = val["score"]
                         checkpoint.save(best_dir, None, model=model, extra=model_extra(val))
-                        log.info("new best mean R@10 %.4f: saved %s", best, best_dir)
+                        log.info("new best validation score %.4f: saved %s", best, best_dir)
             save_last(finished_epoch=True)
             epoch += 1
             batch_in_epoch = 0
@@ -548,7 +571,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     stopped_by = (stop.signal or ("max_minutes" if out_of_time else "max_steps")) if interrupted else None
     if main:
         _jsonl(metrics_path, {"event": "stopped" if interrupted else "finished", "epoch": epoch, "step": step,
-                              **({"reason": stopped_by} if stopped_by else {})})
+                              **({"reason": stopped_by} if stopped_by else {}),
+                              **({"budget_spent": True} if progress >= 1 and not interrupted else {})})
     return RunResult(best_dir if best_dir.exists() else checkpoint.resolve(last_dir), not interrupted, stopped_by)
 
 

@@ -234,6 +234,18 @@ def test_cache_equals_on_the_fly(corpus):
     assert info["report"]["caches"]["audio-fbank/val"]["failed"] == 0
 
 
+def test_cache_of_an_older_feature_version_is_not_read(corpus, monkeypatch):
+    # a feature type whose values change gets a new version: its caches are rebuilt, never read
+    from s2i import audio
+
+    cache.build_caches(corpus, splits=["val"], features=["mfcc"], image_features=[], progress=False)
+    assert PairedDataset(corpus, "val", features="mfcc").audio_cache is not None
+    monkeypatch.setitem(audio.FEATURE_VERSIONS, "mfcc", audio.FEATURE_VERSIONS["mfcc"] + 1)
+    assert PairedDataset(corpus, "val", features="mfcc").audio_cache is None
+    cache.build_caches(corpus, splits=["val"], features=["mfcc"], image_features=[], progress=False)
+    assert PairedDataset(corpus, "val", features="mfcc").audio_cache is not None
+
+
 def test_dataloader_with_workers_reads_memory_mapped_cache(corpus):
     cache.build_caches(corpus, splits=["val"], features=["fbank"], image_features=["pixels"], image_size=24,
                        progress=False)

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from s2i.audio import FEATURE_VERSIONS
 from s2i.datasets.corpus import (
     AUDIO_FEATURES,
     CorpusError,
@@ -88,7 +89,9 @@ def _root_key(info: CorpusInfo, root: Path) -> str:
 
 
 def _audio_fingerprint(info: CorpusInfo, records: Sequence[dict], features: str) -> str:
-    return _fingerprint("audio", features, _root_key(info, info.audio_root), [(r["utt_id"], r["audio"]) for r in records])
+    version = FEATURE_VERSIONS.get(features, 1)  # version 1 predates versions: not part of older fingerprints
+    return _fingerprint("audio", features, *([version] if version > 1 else []), _root_key(info, info.audio_root),
+                        [(r["utt_id"], r["audio"]) for r in records])
 
 
 def _image_fingerprint(info: CorpusInfo, image_records: Sequence[dict], kind: str, params: dict) -> str:
