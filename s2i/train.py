@@ -516,7 +516,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                     now = time.perf_counter()
                     record = {"step": step, "epoch": epoch + batch_in_epoch / len(batches), "lr": lr,
                               **{k: v / window_n for k, v in window.items()},
-                              "utt_per_s": utts / max(now - t_window, 1e-9), "elapsed_s": round(elapsed(), 1)}
+                              "utt_per_s": utts / max(now - t_window, 1e-9), "elapsed_s": round(elapsed(), 3)}
                     _jsonl(metrics_path, record)
                     if writer is not None:
                         for k, v in record.items():
@@ -547,7 +547,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                     val = retrieval_scores(model, val_set, batch_size=cfg.eval_batch_size,
                                            max_images=cfg.val_max_images, amp=use_amp)
                     val["mean_R@10"], val["score"] = mean_r10(val), selection_score(val)
-                    _jsonl(metrics_path, {"epoch": epoch + 1, "step": step, "val": val, "elapsed_s": round(elapsed(), 1)})
+                    _jsonl(metrics_path, {"epoch": epoch + 1, "step": step, "val": val, "elapsed_s": round(elapsed(), 3)})
                     if writer is not None:
                         for direction, scores in val.items():
                             if isinstance(scores, dict):

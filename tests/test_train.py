@@ -294,7 +294,7 @@ def test_wall_clock_budget_stops_with_a_resumable_checkpoint(corpus, tmp_path):
     state = checkpoint.load(tmp_path / "budget" / "last")
     assert state["step"] == 1 and state["elapsed_s"] > 0
     lines = _lines(tmp_path / "budget" / "metrics.jsonl")
-    assert lines[-1]["reason"] == "max_minutes" and lines[0]["elapsed_s"] >= 0  # logged to 0.1 s: a warm step is faster
+    assert lines[-1]["reason"] == "max_minutes" and lines[0]["elapsed_s"] > 0
 
 
 def test_time_budget_finishes_the_run_validated(corpus, tmp_path):
