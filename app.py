@@ -855,10 +855,12 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                gr.update(choices=color_choices(), value="modality"))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_model(recompute):
+    def evaluate_model(recompute, by=""):
         """R@k of the loaded model: from the gallery's stored embeddings (instant), or, with
-        ``recompute``, by embedding the corpus split again with ``s2i.evaluate``."""
-        from s2i.evaluate import DIRECTIONS, scores as retrieval
+        ``recompute``, by embedding the corpus split again with ``s2i.evaluate``; ``by`` (a field of
+        the caption records, see ``python -m s2i evaluate --by``) also breaks speech/text -> image
+        down by group of captions, to show where the model fails."""
+        from s2i.evaluate import DIRECTIONS, breakdown, group_key, scores as retrieval
 
         s = cur()
         model, g = s.need_model(), s.need_gallery()
@@ -871,12 +873,27 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
                                "untick re-embedding to evaluate on the exported embeddings.")
             from s2i.evaluate import evaluate
 
-            result = evaluate(model, corpus, split=split)
+            try:
+                result = evaluate(model, corpus, split=split, by=by or None)
+            except ValueError as e:
+                raise _problem(str(e)) from None
             source = f"{split} split of {Path(corpus).name}, embedded now"
         else:
             result = retrieval(g.speech_embeddings, g.image_embeddings, g.caption_image, g.text_embeddings)
+            if by:  # the gallery keeps each caption's record and each image's scene
+                records = [{**c, "scene": g.images[c["image_index"]].get("scene", {})} for c in g.captions]
+                try:
+                    keys = [group_key(r, by) for r in records]
+                except ValueError as e:
+                    raise _problem(str(e)) from None
+                result["by"] = {"field": by, "groups": breakdown(g.speech_embeddings, g.image_embeddings,
+                                                                 g.caption_image, g.text_embeddings, keys)}
             source = (f"exported embeddings of the {split} split ({g.num_images} images, {g.num_captions} "
                       "captions; float16)")
+        groups = result.get("by", {}).get("groups", {})
+        group_rows = [[name, grp["captions"], *(round(100 * grp[d][k], 1) if d in grp else None
+                                                for d in ("speech_to_image", "text_to_image") for k in ("R@1", "R@10"))]
+                      for name, grp in groups.items()]
         rows = [[d.replace("_to_", " → "), *(round(100 * result[d][k], 1) for k in ("R@1", "R@5", "R@10")),
                  result[d]["median_rank"], round(result[d]["mean_rank"], 1)] for d in DIRECTIONS if d in result]
         # failure cases: spoken captions whose image ranks worst
@@ -895,7 +912,7 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
             players.append(gr.update(value=str(path) if path else None, label=f"caption {j}: {c.get('text', '')[:50]}"))
         players += [gr.update(value=None)] * (4 - len(players))
         note = f"R@k in %, ranks 1-based, on the {source} ({time.perf_counter() - started:.1f} s)."
-        return rows, note, cases, "\n".join(lines), *players
+        return rows, note, group_rows, cases, "\n".join(lines), *players
 
     # ------------------------------------------------------------------ layout
     with gr.Blocks(title="s2i: speech ↔ image") as demo:
@@ -1013,6 +1030,13 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
             eval_table = gr.Dataframe(headers=["direction", "R@1", "R@5", "R@10", "median rank", "mean rank"],
                                       interactive=False)
             eval_md = gr.Markdown()
+            eval_by = gr.Dropdown(
+                [("nothing", ""), ("accent", "speaker~^([^+]+)"), ("voice", "speaker"), ("scene layout", "scene.layout"),
+                 ("the object, in one-object scenes", "scene.objects.kind~^([^,]+)$")], value="",
+                allow_custom_value=True, label="Break speech → image and text → image down by (or type a field "
+                                               "of the caption records, as `python -m s2i evaluate --by`)")
+            eval_groups = gr.Dataframe(headers=["group", "captions", "speech → image R@1", "R@10",
+                                                "text → image R@1", "R@10"], interactive=False)
             eval_cases = gr.Gallery(label="Failure cases: the caption's image, and what was retrieved first", columns=4,
                                     height=260)
             eval_cases_md = gr.Markdown()
@@ -1052,8 +1076,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         timer.tick(train_poll, None, [t_loss, t_recall, t_log, t_status, timer], api_name="train_progress")
         t_load.click(load_run, None, [t_status, header, layer, color_by], api_name="train_load")
         ckpt_btn.click(load_checkpoint, [ckpt_path], [t_status, header, layer, color_by], api_name="load_checkpoint")
-        eval_btn.click(evaluate_model, [eval_recompute],
-                       [eval_table, eval_md, eval_cases, eval_cases_md, *eval_players],
+        eval_btn.click(evaluate_model, [eval_recompute, eval_by],
+                       [eval_table, eval_md, eval_groups, eval_cases, eval_cases_md, *eval_players],
                        api_name="evaluate", **heavy)
         demo.queue(default_concurrency_limit=4, max_size=64)
     demo.s2i_loaded = lambda: app["loaded"]  # type: ignore[attr-defined]  # for tests and allowed_paths

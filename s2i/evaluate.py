@@ -6,6 +6,12 @@ encoder, for typed text.
     python -m s2i evaluate runs/rnn_small --split test --json              # a run folder: its best/ model
     python -m s2i evaluate ckpt_a --ensemble ckpt_b ckpt_c --split test    # snapshot ensemble
     python -m s2i evaluate ckpt --augment noise:10                         # robustness: noisy queries
+    python -m s2i evaluate ckpt --by scene.layout                          # recall per group of captions
+    python -m s2i evaluate ckpt --by 'speaker~^([^+]+)'                    # ... per accent (a regex group)
+
+``--by`` breaks the caption -> image directions down by any field of the split's caption records
+(a dotted path, e.g. ``speaker`` or ``scene.layout``), optionally through a regular expression
+whose first group is the key: it shows *where* a model fails (which voices, which kinds of scene).
 
 The default corpus is the one the checkpoint was trained on (stored in its ``config.json``), else
 ``data/synthetic-default``. A snapshot ensemble (the seed's ``ensemble.py``) sums the L2-normalised
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,7 @@ from tqdm import tqdm
 
 from s2i.datasets.augment import from_spec
 from s2i.datasets.corpus import PairedDataset, collate
-from s2i.metrics import retrieval_metrics
+from s2i.metrics import caption_to_image_ranks, retrieval_metrics, summarize_ranks
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,14 @@ def has_text(model: torch.nn.Module) -> bool:
     return getattr(model, "text", None) is not None
 
 
+def kept_captions(dataset: PairedDataset, max_images: int = 0) -> Tensor:
+    """Indices of the captions evaluated with ``max_images`` (> 0: those of the first N images only)."""
+    keep = torch.arange(len(dataset))
+    if 0 < max_images < dataset.num_images:
+        keep = keep[dataset.caption_image < max_images]
+    return keep
+
+
 @torch.no_grad()
 def embed_split(model: torch.nn.Module, dataset: PairedDataset, batch_size: int = 100, max_images: int = 0,
                 workers: int = 0, amp: bool = False, progress: bool = False
@@ -72,11 +87,8 @@ def embed_split(model: torch.nn.Module, dataset: PairedDataset, batch_size: int 
     model.eval()
     device = _device_of(model)
     caption_image = dataset.caption_image
-    keep = torch.arange(len(dataset))
-    n_images = dataset.num_images
-    if 0 < max_images < n_images:
-        keep = keep[caption_image < max_images]
-        n_images = max_images
+    keep = kept_captions(dataset, max_images)
+    n_images = min(max_images, dataset.num_images) if max_images > 0 else dataset.num_images
     order = keep[torch.argsort(dataset.lengths[keep], stable=True)].tolist()
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
@@ -116,6 +128,55 @@ def scores(speech: Tensor, images: Tensor, caption_image: Tensor, text: Tensor |
     if text is not None:
         out.update(retrieval_metrics(text @ images.T, caption_image, names=("text", "image")))
     return out
+
+
+def _field(value: Any, parts: list[str], by: str) -> str:
+    """The value at ``parts`` inside a record; through a list, every element's value, joined by commas."""
+    if isinstance(value, list) and parts:
+        return ",".join(_field(v, parts, by) for v in value)
+    if not parts:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"--by {by!r} names a {type(value).__name__}, not a value to group by; "
+                             "name a field inside it")
+        return str(value)
+    if not isinstance(value, dict) or parts[0] not in value:
+        have = ", ".join(sorted(value)) if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"--by {by!r}: caption records have no field {parts[0]!r} here (have: {have})")
+    return _field(value[parts[0]], parts[1:], by)
+
+
+def group_key(record: dict[str, Any], by: str) -> str:
+    """The group of one caption record for ``--by``: the value at a dotted field path (``scene.layout``;
+    through a list, its elements' values joined by commas: ``scene.objects.kind`` -> ``"two,heart"``),
+    or with ``FIELD~REGEX`` the regex's first group (whole match without groups) searched in it."""
+    path, _, pattern = by.partition("~")
+    text = _field(record, path.split("."), by)
+    if not pattern:
+        return text
+    try:
+        match = re.search(pattern, text)
+    except re.error as e:
+        raise ValueError(f"--by {by!r}: bad regular expression {pattern!r}: {e}") from None
+    if match is None:
+        return "(no match)"
+    return match.group(1) if match.re.groups else match.group(0)
+
+
+def breakdown(speech: Tensor, images: Tensor, caption_image: Tensor, text: Tensor | None,
+              keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Caption -> image recall per group of captions (``keys[c]``: caption ``c``'s group, e.g. from
+    :func:`group_key`): ``{group: {"captions": n, "speech_to_image": {...}, "text_to_image": {...}}}``.
+    Each caption is ranked against the whole gallery, as in :func:`scores`; only the queries are grouped."""
+    if len(keys) != len(caption_image):
+        raise ValueError(f"{len(keys)} group keys for {len(caption_image)} captions")
+    ranks = {"speech_to_image": caption_to_image_ranks(speech @ images.T, caption_image)}
+    if text is not None:
+        ranks["text_to_image"] = caption_to_image_ranks(text @ images.T, caption_image)
+    groups: dict[str, dict[str, Any]] = {}
+    for key in sorted(set(keys)):
+        idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+        groups[key] = {"captions": len(idx), **{d: summarize_ranks(r[idx]) for d, r in ranks.items()}}
+    return groups
 
 
 def mean_r10(result: dict[str, dict[str, float]]) -> float:
@@ -178,13 +239,14 @@ def evaluate(checkpoint_or_model: str | Path | torch.nn.Module, corpus: str | Pa
              split: str = "test", batch_size: int = 100, augment: str | None = None,
              ensemble: Sequence[str | Path | torch.nn.Module] = (), device: str = "cpu", max_images: int = 0,
              image_input: str | None = None, workers: int = 0, progress: bool = False,
-             seed: int = 0) -> dict[str, dict[str, float]]:
+             seed: int = 0, by: str | None = None) -> dict[str, dict[str, Any]]:
     """R@1/5/10, median and mean rank of a model (or a snapshot ensemble) on a split.
 
     Returns ``{"speech_to_image": {...}, "image_to_speech": {...}}`` plus ``text_to_image`` /
     ``image_to_text`` when every model has a text encoder. ``augment`` (e.g. ``"noise:10"``,
     ``"telephone"``) degrades the spoken captions before they are embedded (random draws seeded
-    by ``seed``; with ``workers > 0`` each worker draws its own).
+    by ``seed``; with ``workers > 0`` each worker draws its own). ``by`` adds ``"by": {"field": by,
+    "groups": ...}`` (:func:`breakdown`).
     """
     from s2i.model import load
 
@@ -200,12 +262,16 @@ def evaluate(checkpoint_or_model: str | Path | torch.nn.Module, corpus: str | Pa
     datasets: dict[str, PairedDataset] = {}
     total: list[Tensor | None] | None = None
     caption_image = None
+    keys: list[str] = []
     for source in sources:
         model = source if isinstance(source, torch.nn.Module) else load(model_folder(source), device=device)
         features = model.config.speech.features
         if features not in datasets:
             datasets[features] = PairedDataset(corpus, split, features=features, image_input=image_input,
                                                augment=augment_fn)
+        if by and not keys:  # before embedding anything: a bad field fails at once
+            dataset = datasets[features]
+            keys = [group_key(dataset.utterances[i], by) for i in kept_captions(dataset, max_images).tolist()]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the same noise for every model and every run
             speech, images, caption_image, text = embed_split(model, datasets[features], batch_size,
@@ -215,7 +281,10 @@ def evaluate(checkpoint_or_model: str | Path | torch.nn.Module, corpus: str | Pa
         # the seed's ensemble: a sum of normalised embeddings, not re-normalised
         total = parts if total is None else [None if a is None or b is None else a + b for a, b in zip(total, parts)]
     assert total is not None and caption_image is not None
-    return scores(total[0], total[1], caption_image, total[2])
+    result: dict[str, dict[str, Any]] = scores(total[0], total[1], caption_image, total[2])
+    if by:
+        result["by"] = {"field": by, "groups": breakdown(total[0], total[1], caption_image, total[2], keys)}
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +303,19 @@ def format_table(result: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_groups(by: dict[str, Any]) -> str:
+    """The ``--by`` breakdown as a table: one row per group, caption -> image recalls in percent."""
+    groups = by["groups"]
+    directions = [d for d in ("speech_to_image", "text_to_image") if d in next(iter(groups.values()), {})]
+    width = max([len(by["field"])] + [len(g) for g in groups]) + 2
+    head = "".join(f"{d.replace('_to_', ' -> ') + ' R@1/R@10':>26}" for d in directions)
+    lines = [f"{by['field']:<{width}}{'captions':>9}{head}"]
+    for name, g in groups.items():
+        cells = "".join(f"{100 * g[d]['R@1']:>19.1f} /{100 * g[d]['R@10']:>5.1f}" for d in directions)
+        lines.append(f"{name:<{width}}{g['captions']:>9}{cells}")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a model folder (model.safetensors + config.json) or a run folder")
     parser.add_argument("--data", default=None, help="prepared corpus (default: the one the checkpoint was trained on, "
@@ -245,6 +327,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="more checkpoints whose embeddings are summed with the first one's")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--max-images", type=int, default=0, help="evaluate on the first N images only (0 = all)")
+    parser.add_argument("--by", default=None, metavar="FIELD[~REGEX]",
+                        help="also break caption -> image recall down by a field of the caption records, e.g. "
+                             "speaker, scene.layout, or 'speaker~^([^+]+)' (the regex's first group: the accent)")
     parser.add_argument("--image-input", default=None, help="pixels or a cached image-feature name "
                                                             "(default: what the checkpoint was trained with)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -256,7 +341,7 @@ def main(args: argparse.Namespace) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     result = evaluate(args.checkpoint, args.data, args.split, args.batch_size, args.augment, args.ensemble,
                       device=args.device, max_images=args.max_images, image_input=args.image_input,
-                      workers=args.workers, progress=not args.json)
+                      workers=args.workers, progress=not args.json, by=args.by)
     if args.json:
         print(json.dumps(result))
     else:
@@ -264,4 +349,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{model_folder(args.checkpoint)}{' + ensemble of ' + str(len(args.ensemble)) if args.ensemble else ''}"
               f" on {data} [{args.split}]{' augment ' + args.augment if args.augment else ''}")
         print(format_table(result))
+        if "by" in result:
+            print()
+            print(format_groups(result["by"]))
     return 0

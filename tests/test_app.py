@@ -194,17 +194,32 @@ def test_matchmap_overlays(world):
 def test_evaluation_matches_the_evaluate_module(world):
     from s2i.evaluate import evaluate
 
-    table, note, cases, cases_text, *players = world["client"].predict(True, api_name="/evaluate")
+    by = "speaker~^([^+]+)"  # the accent
+    table, note, groups, cases, cases_text, *players = world["client"].predict(True, by, api_name="/evaluate")
     rows = {r[0]: r for r in table["data"]}
-    expected = evaluate(world["model"], world["corpus"], split="test")
+    expected = evaluate(world["model"], world["corpus"], split="test", by=by)
     assert rows["speech → image"][1:4] == pytest.approx(
         [round(100 * expected["speech_to_image"][k], 1) for k in ("R@1", "R@5", "R@10")])
     assert set(rows) == {"speech → image", "image → speech", "text → image", "image → text"}
     assert "embedded now" in note
-    table, note, *_ = world["client"].predict(False, api_name="/evaluate")  # from the stored embeddings
-    assert len(table["data"]) == 4 and "exported embeddings" in note
+    # the breakdown: one row per accent, as the evaluate module's
+    want = expected["by"]["groups"]
+    assert [r[0] for r in groups["data"]] == list(want) and len(want) > 1
+    for name, captions, s_r1, s_r10, t_r1, t_r10 in groups["data"]:
+        assert captions == want[name]["captions"]
+        assert [s_r1, t_r10] == pytest.approx([round(100 * want[name]["speech_to_image"]["R@1"], 1),
+                                               round(100 * want[name]["text_to_image"]["R@10"], 1)])
+    # from the stored embeddings, grouped by a field of the image's scene; nothing grouped without `by`
+    table, note, groups, *_ = world["client"].predict(False, "scene.shape", api_name="/evaluate")
+    g = world["demo"].s2i_loaded().gallery
+    assert sum(r[1] for r in groups["data"]) == g.num_captions
+    assert {r[0] for r in groups["data"]} == {img["scene"]["shape"] for img in g.images}
+    table, note, groups, cases, cases_text, *players = world["client"].predict(False, "", api_name="/evaluate")
+    assert len(table["data"]) == 4 and "exported embeddings" in note and not groups["data"]
     assert len(cases) == 8 and "Hardest spoken captions" in cases_text and len(players) == 4
     assert all(Path(c["image"]).is_file() for c in cases)
+    with pytest.raises(AppError, match="no field 'layout'"):
+        world["client"].predict(False, "scene.layout", api_name="/evaluate")
 
 
 # ------------------------------------------------------------------ training
@@ -320,9 +335,9 @@ def test_app_on_thumbnails_and_clips_only(world, tmp_path):
         picture, usage, summary, code, *_ = client.predict(j, "vq1", api_name="/units_caption")
         stored = gallery.caption_codes("vq1", j).numpy()
         assert value(code) == int(np.bincount(stored).argmax())  # the stored codes, not the lossy clip's
-        table, note, *_ = client.predict(False, api_name="/evaluate")
+        table, note, *_ = client.predict(False, "", api_name="/evaluate")
         assert len(table["data"]) == 4
         with pytest.raises(AppError, match="not here"):
-            client.predict(True, api_name="/evaluate")
+            client.predict(True, "", api_name="/evaluate")
     finally:
         demo.close()

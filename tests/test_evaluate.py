@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import s2i
 from s2i.cli import main as cli
 from s2i.datasets.corpus import PairedDataset
-from s2i.evaluate import embed_split, evaluate, format_table
+from s2i.evaluate import breakdown, embed_split, evaluate, format_table, group_key
 from s2i.train import train
 from tests.test_train import make_tone_corpus, tiny_model, tiny_train
 
@@ -131,3 +131,63 @@ def test_an_installed_model_name_evaluates_like_its_folder(trained, tmp_path, mo
     monkeypatch.setattr(s2i.model, "CHECKPOINTS", tmp_path)
     assert cli(["evaluate", "mine", "--split", "test", "--json"]) == 0  # the corpus comes from its config.json
     assert json.loads(capsys.readouterr().out) == evaluate(run / "best", corpus, split="test")
+
+
+def test_group_key_reads_dotted_fields_lists_and_regex_groups():
+    record = {"speaker": "en-029+m8", "num_samples": 16000,
+              "scene": {"layout": "pair", "objects": [{"kind": "two"}, {"kind": "heart"}]}}
+    assert group_key(record, "speaker") == "en-029+m8"
+    assert group_key(record, "scene.layout") == "pair"
+    assert group_key(record, "num_samples") == "16000"
+    assert group_key(record, "scene.objects.kind") == "two,heart"  # through a list: every element's
+    assert group_key(record, "speaker~^([^+]+)") == "en-029"  # the first group
+    assert group_key(record, "speaker~m[0-9]") == "m8"  # no group: the whole match
+    assert group_key(record, "speaker~^xx") == "(no match)"
+    assert group_key(record, "scene.objects.kind~^(\\w+)$") == "(no match)"  # single-object scenes only
+    with pytest.raises(ValueError, match="no field 'position' here \\(have: layout, objects\\)"):
+        group_key(record, "scene.position")
+    with pytest.raises(ValueError, match="names a dict"):
+        group_key(record, "scene")
+    with pytest.raises(ValueError, match="names a list"):
+        group_key(record, "scene.objects")
+    with pytest.raises(ValueError, match="bad regular expression"):
+        group_key(record, "speaker~(")
+
+
+def test_breakdown_ranks_against_the_whole_gallery_and_groups_the_queries():
+    images = torch.eye(3)
+    caption_image = torch.tensor([0, 1, 2, 0])
+    # captions 0 and 1 point at their own images; 2 ranks its image 2nd, 3 ranks it 3rd
+    speech = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0.9, 0.5], [0.2, 0.9, 0.5]])
+    groups = breakdown(speech, images, caption_image, None, ["a", "a", "b", "b"])
+    assert set(groups) == {"a", "b"} and set(groups["a"]) == {"captions", "speech_to_image"}
+    assert groups["a"]["captions"] == 2 and groups["a"]["speech_to_image"]["R@1"] == 1.0
+    assert groups["b"]["speech_to_image"]["R@1"] == 0.0 and groups["b"]["speech_to_image"]["mean_rank"] == 2.5
+    with_text = breakdown(speech, images, caption_image, images[caption_image], ["x"] * 4)
+    assert with_text["x"]["text_to_image"]["R@1"] == 1.0 and with_text["x"]["speech_to_image"]["R@1"] == 0.5
+    with pytest.raises(ValueError, match="3 group keys for 4 captions"):
+        breakdown(speech, images, caption_image, None, ["a", "b", "c"])
+
+
+def test_evaluate_by_a_field_splits_the_queries_exactly(trained, capsys):
+    corpus, run = trained
+    assert cli(["evaluate", str(run), "--split", "test", "--json", "--by", "text~^(\\w+)"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    by = result["by"]
+    assert by["field"] == "text~^(\\w+)" and len(by["groups"]) > 1
+    ds = PairedDataset(corpus, "test", features="mfcc")
+    assert sum(g["captions"] for g in by["groups"].values()) == len(ds)
+    for direction in ("speech_to_image", "text_to_image"):  # the groups' recalls average back to the whole
+        weighted = sum(g["captions"] * g[direction]["R@1"] for g in by["groups"].values()) / len(ds)
+        assert weighted == pytest.approx(result[direction]["R@1"])
+    first_words = {r["text"].split()[0] for r in ds.utterances}
+    assert set(by["groups"]) == first_words
+    # the table names every group; with --max-images only those images' captions are grouped
+    assert cli(["evaluate", str(run), "--split", "test", "--by", "speaker", "--max-images", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "speech -> image R@1/R@10" in out and "\ntone " in out
+    small = evaluate(run, split="test", by="speaker", max_images=10)["by"]["groups"]
+    assert small["tone"]["captions"] == int((ds.caption_image < 10).sum())
+    # a field the records lack fails before anything is embedded, saying which fields there are
+    assert cli(["evaluate", str(run), "--split", "test", "--by", "scene.layout"]) != 0
+    assert "no field 'scene'" in capsys.readouterr().err
