@@ -134,6 +134,8 @@ class TrainConfig:
     feature_augment: str = ""  # augmentations of cached feature batches, e.g. "specaugment" or "vtlp,tmask"
     image_augment: str = ""  # affine jitter of training images, e.g. "affine" or "rotate,shift" (pixel encoders)
     init_from: str = ""  # warm start: load matching weights from this checkpoint (e.g. VQ {} -> {3})
+    distill_weight: float = 0.0  # > 0 (with init_from): also pull each spoken caption towards the embedding the
+    #   init_from model, frozen, gives it (cosine distance; the warm start's teacher: what new VQ layers should keep)
     max_frames: int = 2048  # longer utterances are cropped (with a warning at prepare time)
     log_every: int = 50  # steps between metric lines
     max_steps: int = 0  # stop (with a checkpoint, resumable) after this many steps in all; 0 = run every epoch
@@ -161,7 +163,7 @@ _TRAIN_MINIMA: dict[str, tuple] = {
     "warmup_steps": (0, False), "margin": (0, False), "hardest_n": (0, False), "text_loss_weight": (0, False),
     "speech_text_loss_weight": (0, False), "grad_clip": (0, False), "workers": (0, False), "eval_every": (0, False), "val_max_images": (0, False),
     "max_frames": (1, False), "log_every": (1, False), "max_steps": (0, False), "max_minutes": (0, False),
-    "budget_minutes": (0, False),
+    "budget_minutes": (0, False), "distill_weight": (0, False),
     "eval_batch_size": (1, False),
 }
 

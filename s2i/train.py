@@ -256,6 +256,24 @@ def with_text_vocab(model_cfg: ModelConfig, dataset: PairedDataset) -> ModelConf
     return dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, vocab=list(vocab)))
 
 
+def _teacher(cfg: TrainConfig, features: str, device: torch.device) -> torch.nn.Module | None:
+    """The frozen ``init_from`` model whose speech embeddings ``distill_weight`` pulls towards (or None)."""
+    if cfg.distill_weight <= 0:
+        return None
+    if not cfg.init_from:
+        raise ConfigError("distill_weight > 0 distils the init_from model into this one: set init_from too")
+    from s2i.model import load
+
+    teacher = load(model_folder(cfg.init_from), device=device)
+    if teacher.config.speech.features != features:
+        raise ConfigError(f"distill_weight: the init_from model reads {teacher.config.speech.features!r} features, "
+                          f"this one {features!r}; both must hear the same input")
+    teacher.eval()  # BatchNorm running statistics, no jitter, no updates
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def set_seed(seed: int) -> None:
     import random
 
@@ -376,6 +394,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     if use_text and model_cfg.text is None:
         raise ConfigError("text_loss_weight > 0 or speech_text_loss_weight > 0 needs a model with a text encoder (model.text)")
     logit_scale = getattr(model, "logit_scale", None)
+    teacher = _teacher(cfg, features, device)
 
     epoch, batch_in_epoch, step, best = 0, 0, 0, -1.0
     elapsed_before = 0.0  # training wall time of earlier processes of this run (before a resume)
@@ -477,7 +496,15 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                 cap_all = gather_rows(speech.embedding.float(), sizes, rank)
                 retrieval = loss_fn(img_all, cap_all, image_ids, logit_scale)
                 loss = retrieval + speech.vq_loss.float() * frame_share
-                text_loss = speech_text_loss = None
+                text_loss = speech_text_loss = distill_loss = None
+                if teacher is not None:
+                    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        target = teacher.encode_speech_features(audio, lengths).embedding
+                    # cosine distance to where the teacher puts the same caption, averaged over the global
+                    # batch (each process sums its own rows; their gradients are summed like the rest)
+                    cosine = (target.float() * speech.embedding.float()).sum(-1)
+                    distill_loss = (1 - cosine).sum() / sum(sizes)
+                    loss = loss + cfg.distill_weight * distill_loss
                 if use_text:
                     txt_all = gather_rows(txt.float(), sizes, rank)
                     if cfg.text_loss_weight > 0:
@@ -504,6 +531,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                     vals["text_loss"] = text_loss.detach().item()
                 if speech_text_loss is not None:
                     vals["speech_text_loss"] = speech_text_loss.detach().item()
+                if distill_loss is not None:
+                    vals["distill_loss"] = distill_loss.detach().item()
                 if grad_norm is not None:
                     vals["grad_norm"] = float(grad_norm)
                 for layer, stats in speech.vq_stats.items():

@@ -25,7 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from s2i import checkpoint
-from s2i.config import ImageConfig, ModelConfig, SpeechConfig, TextConfig, TrainConfig
+from s2i.config import ConfigError, ImageConfig, ModelConfig, SpeechConfig, TextConfig, TrainConfig
+from s2i.datasets.corpus import PairedDataset
 from s2i.train import build_configs, cyclic_cosine, global_batches, lr_at, run, train, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -325,6 +326,28 @@ def test_warm_start_without_vq_into_vq(corpus, tmp_path):
     for k in shared:  # one step at lr 1e-12: still the warm-start weights
         torch.testing.assert_close(vq[k], plain[k], atol=1e-6, rtol=0, msg=k)
     assert any(k.startswith("speech.vq") or ".vq" in k for k in set(vq) - set(plain))
+
+
+def test_distillation_pulls_the_warm_started_model_towards_its_teacher(corpus, tmp_path):
+    import s2i
+    from s2i.evaluate import embed_split
+
+    train(tiny_train(corpus, tmp_path / "plain", epochs=2, eval_every=0), tiny_model())
+    with pytest.raises(ConfigError, match="set init_from too"):
+        run(tiny_train(corpus, tmp_path / "x", distill_weight=1.0), tiny_model(vq=True))
+    teacher = s2i.load(tmp_path / "plain" / "last")
+    ds = PairedDataset(corpus, "train", features="mfcc")
+    want = embed_split(teacher, ds)[0]
+    closeness = {}
+    for weight in (0.0, 5.0):
+        out = tmp_path / f"distil{weight}"
+        train(tiny_train(corpus, out, epochs=2, eval_every=0, init_from=str(tmp_path / "plain"), distill_weight=weight),
+              tiny_model(vq=True))
+        steps = [r for r in _lines(out / "metrics.jsonl") if "step" in r and "loss" in r]
+        assert all(("distill_loss" in r) == (weight > 0) for r in steps)
+        got = embed_split(s2i.load(out / "last"), ds)[0]
+        closeness[weight] = float((got * want).sum(1).mean())  # mean cosine to the teacher's embedding
+    assert closeness[5.0] > closeness[0.0], closeness
 
 
 # ---------------------------------------------------------------------------------------------
