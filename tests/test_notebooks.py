@@ -134,7 +134,7 @@ def test_retrieval_notebook(checkpoint):
     m = min(g.num_images, 200)
     nb, result = run_notebook("retrieval.ipynb", {"CHECKPOINT": checkpoint, "SMALL": True, "MAX_IMAGES": m},
                               "{'results': results, 'worst': worst, 'wrong': len(wrong), "
-                              "'attributes': names, 'layout_keys': keys}")
+                              "'attributes': names, 'layout_keys': keys, 'groups': recall_by}")
     figures, text = _outputs(nb)
     # R@k as the metrics module gives it for the gallery's first m images and their captions
     from s2i.metrics import retrieval_metrics
@@ -149,12 +149,23 @@ def test_retrieval_notebook(checkpoint):
     assert ("text_to_image" in result["results"]) == g.has_text
     wrong = round((1 - expected["speech_to_image"]["R@1"]) * int(keep.sum()))
     assert result["wrong"] == pytest.approx(wrong, abs=1)  # (R@1 counts ties pessimistically, argmax does not)
+    # recall per group of captions: the evaluate module's breakdown, for each field the records have
+    from s2i.evaluate import breakdown, group_key
+
+    records = [{**g.captions[j], "scene": g.images[int(g.caption_image[j])].get("scene") or {}}
+               for j in torch.nonzero(keep).flatten().tolist()]
+    assert "scene.layout" in result["groups"]  # every synthetic scene has a layout
+    for by, per in result["groups"].items():
+        want = breakdown(speech, images, g.caption_image[keep], None, [group_key(r, by) for r in records])
+        assert list(per) == list(want) and sum(grp["captions"] for grp in per.values()) == int(keep.sum())
+        for name, grp in per.items():
+            assert grp["speech_to_image"]["R@1"] == pytest.approx(want[name]["speech_to_image"]["R@1"], abs=1e-6)
     # failures: distinct images, as many as shown; the scenes' attributes, objects included
     assert len({int(g.caption_image[keep][j]) for j in result["worst"]}) == len(result["worst"]) <= 4
     if all("objects" in (im.get("scene") or {}) for im in g.images[:m]):  # the synthetic corpus's scenes
         assert {"colour", "kind", "number of objects", "objects as wholes"} <= set(result["attributes"])
         assert result["layout_keys"] and result["layout_keys"][0].endswith("colour")
-    # failure thumbnails, the attribute bar chart, the similarity panels, the layout
-    assert figures == (1 if result["worst"] else 0) + (1 if result["wrong"] else 0) + 2
+    # the per-group bars, failure thumbnails, the attribute bar chart, the similarity panels, the layout
+    assert figures == 1 + (1 if result["worst"] else 0) + (1 if result["wrong"] else 0) + 2
     assert "R@1" in text and "hardest negative" in text
     print(f"retrieval.ipynb ran in {nb.metadata['seconds']:.1f} s")
