@@ -881,9 +881,8 @@ def build_demo(checkpoint: Any = "default", gallery: Any = None, *, device: str 
         else:
             result = retrieval(g.speech_embeddings, g.image_embeddings, g.caption_image, g.text_embeddings)
             if by:  # the gallery keeps each caption's record and each image's scene
-                records = [{**c, "scene": g.images[c["image_index"]].get("scene", {})} for c in g.captions]
                 try:
-                    keys = [group_key(r, by) for r in records]
+                    keys = [group_key(g.caption_record(j), by) for j in range(g.num_captions)]
                 except ValueError as e:
                     raise _problem(str(e)) from None
                 result["by"] = {"field": by, "groups": breakdown(g.speech_embeddings, g.image_embeddings,

@@ -178,6 +178,12 @@ class Gallery:
         """Image ``i``'s scene as flat ``name -> value`` strings, for colouring plots (see :func:`flatten_scene`)."""
         return flatten_scene(self.images[i].get("scene") or {})
 
+    def caption_record(self, j: int) -> dict[str, Any]:
+        """Caption ``j``'s record with its image's scene under ``"scene"``: the fields a corpus's caption
+        records have, for grouping captions as ``python -m s2i evaluate --by`` does."""
+        caption = self.captions[j]
+        return {**caption, "scene": self.images[caption["image_index"]].get("scene") or {}}
+
     def captions_of(self, i: int) -> list[int]:
         """Indices of the captions of image ``i``."""
         return torch.nonzero(self.caption_image == i).flatten().tolist()
