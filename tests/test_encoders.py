@@ -8,6 +8,7 @@ import torch
 from s2i.config import ConfigError, SpeechConfig, VQConfig, preset
 from s2i.encoders.image import BackboneImageEncoder, LinearImageEncoder, SmallCNN, build_image_encoder
 from s2i.encoders.pooling import AttentionPooling, MeanPooling
+from s2i.encoders.rnn import bidirectional, reverse_within
 from s2i.encoders.speech import (MaskedBatchNorm1d, ResDAVEnet, RNNSpeechEncoder, build_speech_encoder,
                                  parse_vq_positions)
 from s2i.encoders.text import CHARACTERS, TextEncoder, Tokenizer, words
@@ -206,6 +207,32 @@ def test_text_encoder_is_padding_invariant_and_normalised():
     torch.testing.assert_close(both[1], alone[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(both.norm(dim=1), torch.ones(2))
     assert [r.hidden_size for r in enc.rnns] == [6, 8]  # the last layer gives embed_dim // 2 per direction
+
+
+def test_reverse_within_reverses_each_row_to_its_length_and_undoes_itself():
+    x = torch.arange(8.0).reshape(2, 4, 1)
+    lengths = torch.tensor([3, 1])
+    assert reverse_within(x, lengths)[..., 0].tolist() == [[2.0, 1.0, 0.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+    torch.testing.assert_close(reverse_within(reverse_within(x, lengths), lengths), x)
+
+
+@pytest.mark.parametrize("rnn_type", [torch.nn.LSTM, torch.nn.GRU])
+def test_bidirectional_without_packing_equals_packed_sequences(rnn_type):
+    """The CPU's one-way passes give the packed run's outputs and gradients, zeros on padding."""
+    torch.manual_seed(0)
+    rnn = rnn_type(5, 4, batch_first=True, bidirectional=True)
+    x, lengths = torch.randn(4, 7, 5), torch.tensor([7, 3, 5, 1])
+    outs, grads = [], []
+    for packed in (True, False):
+        out = bidirectional(rnn, x, lengths, packed=packed)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), list(rnn.parameters())))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert outs[1][1, 3:].abs().max() == 0 and outs[1][3, 1:].abs().max() == 0
+    with pytest.raises(ValueError, match="one-layer, bidirectional"):
+        bidirectional(rnn_type(5, 4, batch_first=True), x, lengths)
 
 
 # ---------------------------------------------------------------------------------------------------- images

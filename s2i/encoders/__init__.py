@@ -1,2 +1,3 @@
 """Encoders into the shared embedding space: speech (:mod:`.speech`), images (:mod:`.image`), text
-(:mod:`.text`), and the masked pooling they share (:mod:`.pooling`)."""
+(:mod:`.text`), and what they share: masked pooling (:mod:`.pooling`) and bidirectional RNN layers
+that never see padding (:mod:`.rnn`)."""

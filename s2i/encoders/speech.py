@@ -2,14 +2,14 @@
 vector per utterance, plus the frames, VQ codes and VQ losses on the way.
 
 * :class:`RNNSpeechEncoder` — Merkx et al. (2019, 2021, 2022): Conv1d front end -> stacked
-  bidirectional GRU/LSTM layers (each over packed sequences) -> vectorial self-attention.
+  bidirectional GRU/LSTM layers (padding unseen, :mod:`.rnn`) -> vectorial self-attention.
 * :class:`ResDAVEnet` — Harwath et al. (ICLR 2020), and the seed's re-implementation of it: a front
   end that collapses frequency -> residual stages of 1-D convolutions (stride 2 each) -> pooling.
 
 Both are **length-aware**: padded frames never change an utterance's embedding. Convolutions see zeros
 beyond each utterance's end (padding is re-zeroed after every layer), BatchNorm statistics are taken
-over valid frames only (:class:`MaskedBatchNorm1d`), VQ statistics and pooling are masked, RNNs run
-on packed sequences. So an utterance embeds the same alone or inside a batch of longer ones.
+over valid frames only (:class:`MaskedBatchNorm1d`), VQ statistics and pooling are masked, RNN
+states never see padding (:func:`s2i.encoders.rnn.bidirectional`). So an utterance embeds the same alone or inside a batch of longer ones.
 
 VQ layers may sit at positions ``0..n`` (ResDAVEnet-VQ's notation, see :mod:`s2i.config`): position 0
 is the front end's output, position i the output of RNN layer / residual stage i. They are named
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from s2i.config import ConfigError, SpeechConfig, VQConfig
 from s2i.encoders.pooling import build_pooling, length_mask
+from s2i.encoders.rnn import bidirectional
 from s2i.vq import VectorQuantizer
 
 #: size of one frame of each feature type made by :func:`s2i.audio.feature_extractor`
@@ -117,7 +117,7 @@ class _SpeechEncoder(nn.Module):
 
 class RNNSpeechEncoder(_SpeechEncoder):
     """Merkx et al.'s encoder: Conv1d(F -> C, k, s) -> ``num_layers`` bidirectional GRU/LSTM layers
-    (each ``2 * hidden`` wide, run on packed sequences so states never see padding) -> masked
+    (each ``2 * hidden`` wide; states never see padding) -> masked
     vectorial self-attention -> (projection) -> L2.
 
     Frame counts after the front end: ``floor((l - k) / s) + 1``. Utterances shorter than the kernel are
@@ -152,13 +152,10 @@ class RNNSpeechEncoder(_SpeechEncoder):
         h = self.conv(x.transpose(1, 2)).transpose(1, 2)
         h = h * length_mask(lengths, h.shape[1])[:, :, None].to(h.dtype)
         h = self._quantize(0, h, lengths, out)
-        cpu_lengths = lengths.cpu()
         for i, rnn in enumerate(self.rnns, start=1):
             if i > 1:
                 h = self.dropout(h)
-            packed = pack_padded_sequence(h, cpu_lengths, batch_first=True, enforce_sorted=False)
-            h, _ = pad_packed_sequence(rnn(packed)[0], batch_first=True, total_length=h.shape[1])
-            h = self._quantize(i, h, lengths, out)
+            h = self._quantize(i, bidirectional(rnn, h, lengths), lengths, out)
         return self._finish(h, lengths, out)
 
 

@@ -15,10 +15,10 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from s2i.config import ConfigError, TextConfig
 from s2i.encoders.pooling import AttentionPooling
+from s2i.encoders.rnn import bidirectional
 
 PAD, UNK = "<pad>", "<unk>"
 #: the fixed character set of char-level models (text is lower-cased first)
@@ -88,7 +88,7 @@ class Tokenizer:
 
 
 class TextEncoder(nn.Module):
-    """Embedding -> bidirectional LSTM/GRU layers (packed) -> masked vectorial self-attention -> L2.
+    """Embedding -> bidirectional LSTM/GRU layers (padding unseen, :mod:`.rnn`) -> masked vectorial self-attention -> L2.
 
     As the seed's CMCL2022 model: the last layer has ``embed_dim // 2`` units per direction so its
     output is the shared embedding size; earlier layers have ``hidden_size``.
@@ -112,11 +112,10 @@ class TextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``ids (B, L)``, ``lengths (B,)`` -> ``(B, embed_dim)`` L2-normalised."""
         h = self.embed(ids)
-        cpu_lengths = lengths.cpu()
+        lengths = lengths.to(h.device)
         for rnn in self.rnns:
-            packed = pack_padded_sequence(h, cpu_lengths, batch_first=True, enforce_sorted=False)
-            h, _ = pad_packed_sequence(rnn(packed)[0], batch_first=True, total_length=ids.shape[1])
-        return F.normalize(self.pooling(h, lengths.to(h.device)), dim=-1)
+            h = bidirectional(rnn, h, lengths)
+        return F.normalize(self.pooling(h, lengths), dim=-1)
 
 
 def build_text(cfg: TextConfig, embed_dim: int) -> tuple[Tokenizer, TextEncoder]:
