@@ -70,7 +70,8 @@ def main() -> None:
     frames = torch.randint(150, 501, (64,))
     model_cfg, _ = preset("rnn_small")
     enc = speech.build_speech_encoder(model_cfg.speech, model_cfg.embed_dim).to(dev)
-    cases["rnn_small speech encoder"] = (speech, enc, (torch.randn(64, int(frames.max()), 39, device=dev), frames.to(dev)))
+    audio = torch.randn(64, int(frames.max()), 39, device=dev)
+    cases["rnn_small speech encoder"] = (speech, enc, (audio, frames.to(dev)))
     rows = []
     for name, (where, module, inputs) in cases.items():
         module.train()

@@ -9,7 +9,8 @@ vector per utterance, plus the frames, VQ codes and VQ losses on the way.
 Both are **length-aware**: padded frames never change an utterance's embedding. Convolutions see zeros
 beyond each utterance's end (padding is re-zeroed after every layer), BatchNorm statistics are taken
 over valid frames only (:class:`MaskedBatchNorm1d`), VQ statistics and pooling are masked, RNN
-states never see padding (:func:`s2i.encoders.rnn.bidirectional`). So an utterance embeds the same alone or inside a batch of longer ones.
+states never see padding (:func:`s2i.encoders.rnn.bidirectional`). So an utterance embeds the same
+alone or inside a batch of longer ones.
 
 VQ layers may sit at positions ``0..n`` (ResDAVEnet-VQ's notation, see :mod:`s2i.config`): position 0
 is the front end's output, position i the output of RNN layer / residual stage i. They are named

@@ -88,7 +88,8 @@ class Tokenizer:
 
 
 class TextEncoder(nn.Module):
-    """Embedding -> bidirectional LSTM/GRU layers (padding unseen, :mod:`.rnn`) -> masked vectorial self-attention -> L2.
+    """Embedding -> bidirectional LSTM/GRU layers (padding unseen, :mod:`.rnn`) -> masked vectorial
+    self-attention -> L2.
 
     As the seed's CMCL2022 model: the last layer has ``embed_dim // 2`` units per direction so its
     output is the shared embedding size; earlier layers have ``hidden_size``.
