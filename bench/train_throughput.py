@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,7 +39,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from common import machine, machine_line  # noqa: E402
 from s2i.config import preset  # noqa: E402
 from s2i.datasets.corpus import BucketBatchSampler, RandomBatchSampler, padding_fraction  # noqa: E402
 
@@ -48,18 +49,6 @@ CORPUS = REPO / "data" / "synthetic-default"
 SMALL = ["rnn_small", "rnn_vq_small", "resdavenet_vq_small"]
 #: (warm-up steps, timed steps) where the default (1, 10) is too slow on a CPU: the full-size seed model
 STEPS = {"merkx2021_rnn": (0, 2)}
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"{platform.platform()}; {cpu}; {os.cpu_count()} CPUs, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads; {gpu}; load average {load}")
 
 
 def utterance_lengths(features: str, n: int = 4000, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -193,7 +182,7 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_line()}")
     results = []
     for name in args.presets:
         for batching in ("bucketed", "unbucketed"):

@@ -359,6 +359,32 @@ def test_report_writing(tmp_path):
     assert header == ["code", "word", "precision", "recall", "f1", "count", "code_hits", "code_segments", "word_count"]
 
 
+def test_word_detection_by_group():
+    """Two voices: one whose codes track its words, one whose codes are noise; each group is counted alone."""
+    from s2i.analysis.units import Collected, analyze, markdown
+
+    tracked, words, _ = tracked_corpus(n_utts=20, seed=1)
+    rng = np.random.default_rng(2)
+    noise = [rng.integers(0, 50, size=len(c)) for c in tracked[10:]]
+    codes = tracked[:10] + noise
+    n = len(codes)
+    data = Collected(utt_ids=[f"u{i}" for i in range(n)], speakers=["en+m1"] * 10 + ["en-029+f2"] * 10,
+                     words=words, phones=[[] for _ in range(n)], durations=np.array([len(c) * H for c in codes]),
+                     codes={"vq2": codes}, frame_shift={"vq2": H}, codebooks={"vq2": np.eye(50)},
+                     abx_index=np.zeros(0, dtype=np.int64))
+    groups = {"en": np.arange(10), "en-029": np.arange(10, 20)}
+    report, _ = analyze(data, abx_context="off", groups=groups)
+    by = report["by"]
+    assert by["en"]["n_utterances"] == 10 and by["en-029"]["n_utterances"] == 10
+    assert by["en"]["any_layer"]["n_detected"] == by["en"]["any_layer"]["n_words"] == 6
+    assert by["en"]["layers"]["vq2"]["n_detected"] == 6
+    assert by["en-029"]["any_layer"]["n_detected"] == 0
+    # the whole set sits in between: the tracked voice's codes still win some words
+    assert 0 < report["any_layer"]["n_detected"] <= 6
+    assert "| en | 10 | 6 / 6 | 6 / 6 (100.0%) |" in markdown({**report, "group_by": "speaker~^([^+]+)"})
+    assert "by" not in analyze(data, abx_context="off")[0]
+
+
 def _tiny_corpus(root: Path) -> Path:
     """A few real spoken utterances with word and phone alignments (eSpeak), in the prepared format."""
     import soundfile
@@ -407,6 +433,18 @@ def test_cli_analyze_units(tmp_path):
         assert layer["bitrate"]["bitrate"] >= layer["bitrate"]["bitrate_rle"] >= 0
     assert "mfcc" in report["abx"] and report["abx"]["mfcc"]["within"] is not None
     assert (out / "report.md").is_file() and (out / "summary.png").is_file()
+    # per accent: the corpus's two voices, three utterances each
+    r = subprocess.run([sys.executable, "-m", "s2i", "analyze", "units", str(ckpt), "--data", str(corpus),
+                        "--out", str(out), "--json", "--abx-context", "off", "--by", "speaker~^([^-]+)"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["group_by"] == "speaker~^([^-]+)" and set(report["by"]) == {"en"}
+    assert report["by"]["en"]["n_utterances"] == 6
+    r = subprocess.run([sys.executable, "-m", "s2i", "analyze", "units", str(ckpt), "--data", str(corpus),
+                        "--out", str(out), "--abx-context", "off", "--by", "accent"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "no field 'accent'" in r.stderr
     # a layer the model does not have is a one-line error
     r = subprocess.run([sys.executable, "-m", "s2i", "analyze", "units", str(ckpt), "--data", str(corpus),
                         "--layer", "vq9"], capture_output=True, text=True, timeout=300)

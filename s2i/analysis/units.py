@@ -13,7 +13,9 @@ finding, not a given. The report is a folder:
     summary.png        ABX error per representation and bitrate per layer
 
 Word detection needs word alignments in the corpus (``words``), ABX phone alignments (``phones``);
-what a corpus lacks is skipped with a note.
+what a corpus lacks is skipped with a note. ``--by`` (grouped as ``evaluate --by``, e.g.
+``'speaker~^([^+]+)'``: per accent) adds word detection within each group of utterances: a word whose
+code differs between accents is found within each accent but not across them.
 """
 from __future__ import annotations
 
@@ -131,6 +133,16 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
     return out
 
 
+def words_within(data: Collected, index: np.ndarray, top_n: int = 250) -> dict[str, Any]:
+    """Word detection over the utterances ``index`` only: words detected per layer and in some layer."""
+    found = {name: word_detection([codes[i] for i in index], [data.words[i] for i in index],
+                                  data.frame_shift[name], top_n=top_n) for name, codes in data.codes.items()}
+    return {"n_utterances": int(len(index)),
+            "layers": {name: {k: wd.summary()[k] for k in ("n_words", "n_detected", "fraction_detected")}
+                       for name, wd in found.items()},
+            "any_layer": detected_in_any(list(found.values()))}
+
+
 def best_across(abx_rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The model representation with the lowest across-speaker ABX error, and its ratio to MFCC's."""
     baseline = (abx_rows.get("mfcc") or {}).get("across")
@@ -152,8 +164,13 @@ def _finite(value: Any) -> Any:
 
 def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", abx_max_group: int = 10,
             abx_max_x: int = 5, abx_max_dtw: int = 2_000_000, seed: int = 0,
+            groups: dict[str, np.ndarray] | None = None,
             progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
-    """Word detection, bitrate and ABX of collected units -> (report dict, full code-word table per layer)."""
+    """Word detection, bitrate and ABX of collected units -> (report dict, full code-word table per layer).
+
+    ``groups`` (name -> utterance indices, e.g. one per accent) adds word detection within each group
+    under ``report["by"]``: which voices' words the units find.
+    """
     report: dict[str, Any] = {"n_utterances": len(data.utt_ids), "duration_s": float(data.durations.sum()),
                               "n_abx_utterances": int(len(data.abx_index)), "layers": {}, "abx": {},
                               "abx_context": abx_context, "notes": []}
@@ -179,6 +196,8 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
         report["layers"][name] = layer
     if detections:
         report["any_layer"] = detected_in_any(detections)
+        if groups:
+            report["by"] = {group: words_within(data, index, top_n=top_n) for group, index in groups.items()}
 
     if abx_context != "off" and has_phones:
         phones = [data.phones[i] for i in data.abx_index]
@@ -290,6 +309,16 @@ def markdown(report: dict[str, Any]) -> str:
         any_layer = report["any_layer"]
         lines += ["", f"Words detected in some layer: {any_layer['n_detected']} / {any_layer['n_words']} "
                       f"({_pct(any_layer['fraction_detected'])})."]
+    if report.get("by"):
+        names = list(report["layers"])
+        lines += ["", f"## Words detected per group ({report.get('group_by', '')})", "",
+                  "| group | utterances | " + " | ".join(names) + " | some layer |",
+                  "|---|---|" + "---|" * len(names) + "---|"]
+        for group, row in report["by"].items():
+            cells = [f"{row['layers'][n]['n_detected']} / {row['layers'][n]['n_words']}" for n in names]
+            any_layer = row["any_layer"]
+            lines.append(f"| {group} | {row['n_utterances']} | " + " | ".join(cells) +
+                         f" | {any_layer['n_detected']} / {any_layer['n_words']} ({_pct(any_layer['fraction_detected'])}) |")
     if report["abx"]:
         lines += ["", f"## ABX error ({report['abx_context']} context; chance = 50%)", "",
                   "| representation | within speakers | across speakers |", "|---|---|---|"]
@@ -342,6 +371,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abx-max-dtw", type=int, default=2_000_000,
                         help="ABX: at most this many DTWs per representation (0 = no limit)")
     parser.add_argument("--top-n", type=int, default=250, help="mean F1 over the N best-detected words")
+    parser.add_argument("--by", default=None, metavar="FIELD",
+                        help="also detect words within each group of utterances, grouped as evaluate --by groups "
+                             "captions: a record field (speaker) or FIELD~REGEX ('speaker~^([^+]+)': per accent)")
     parser.add_argument("--out", default=None, help="report folder (default: runs/analysis/units-<checkpoint>-<split>)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -352,10 +384,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(checkpoint: str, *, data: str | None = None, split: str = "test", layers: Sequence[str] | None = None,
         max_utts: int = 0, abx_utts: int = 500, abx_context: str = "within", abx_max_group: int = 10,
         abx_max_dtw: int = 2_000_000, top_n: int = 250, batch_size: int = 16, device: str = "cpu", seed: int = 0,
-        progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
+        by: str | None = None, progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
     """Load a checkpoint and a corpus split and analyse the units: (report, code-word tables)."""
     from s2i.datasets.corpus import read_corpus, read_split
-    from s2i.evaluate import default_data, model_folder
+    from s2i.evaluate import default_data, group_key, model_folder
     from s2i.model import load
 
     folder = model_folder(checkpoint)
@@ -377,13 +409,20 @@ def run(checkpoint: str, *, data: str | None = None, split: str = "test", layers
     rng = np.random.default_rng(seed)
     chosen = _choose(len(records), max_utts, rng)
     records = [records[i] for i in chosen]
+    groups = None
+    if by:
+        try:
+            keys = [group_key(r, by) for r in records]
+        except ValueError as e:
+            raise AnalysisError(str(e)) from None
+        groups = {k: np.flatnonzero(np.array(keys) == k) for k in sorted(set(keys))}
     abx_index = _choose(len(records), abx_utts, rng) if abx_context != "off" else np.zeros(0, dtype=np.int64)
     data_ = collect(model, records, info.audio_path, layers=layers, abx_index=abx_index, batch_size=batch_size,
                     progress=progress)
     report, tables = analyze(data_, top_n=top_n, abx_context=abx_context, abx_max_group=abx_max_group,
-                             abx_max_dtw=abx_max_dtw, seed=seed, progress=progress)
+                             abx_max_dtw=abx_max_dtw, seed=seed, groups=groups, progress=progress)
     report = {"checkpoint": str(folder), "model": model.config.name, "corpus": str(info.root), "split": split,
-              **report}
+              **({"group_by": by} if by else {}), **report}
     return report, tables
 
 
@@ -391,7 +430,8 @@ def main(args: argparse.Namespace) -> int:
     report, tables = run(args.checkpoint, data=args.data, split=args.split, layers=args.layer,
                          max_utts=args.max_utts, abx_utts=args.abx_utts, abx_context=args.abx_context,
                          abx_max_group=args.abx_max_group, abx_max_dtw=args.abx_max_dtw, top_n=args.top_n,
-                         batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.json)
+                         batch_size=args.batch_size, device=args.device, seed=args.seed, by=args.by,
+                         progress=not args.json)
     name = Path(report["checkpoint"]).name
     out = Path(args.out) if args.out else Path("runs") / "analysis" / f"units-{name}-{args.split}"
     write_report(report, tables, out)
@@ -410,6 +450,10 @@ def main(args: argparse.Namespace) -> int:
     if report.get("any_layer"):
         any_layer = report["any_layer"]
         print(f"words F1>=0.5 in some layer: {any_layer['n_detected']}/{any_layer['n_words']}")
+    for group, row in report.get("by", {}).items():
+        layers = "  ".join(f"{n} {r['n_detected']}" for n, r in row["layers"].items())
+        print(f"  {report['group_by']} = {group} ({row['n_utterances']} utterances): {layers}  "
+              f"some layer {row['any_layer']['n_detected']}/{row['any_layer']['n_words']}")
     if report["abx"]:
         print(f"ABX error ({report['abx_context']} context)   within   across")
         width = max(len(n) for n in report["abx"])
