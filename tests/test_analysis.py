@@ -379,9 +379,24 @@ def test_word_detection_by_group():
     assert by["en"]["any_layer"]["n_detected"] == by["en"]["any_layer"]["n_words"] == 6
     assert by["en"]["layers"]["vq2"]["n_detected"] == 6
     assert by["en-029"]["any_layer"]["n_detected"] == 0
+    assert by["en"]["layers"]["vq2"]["best"]["red"] == [1, 1.0]  # tracked_corpus codes words from 1 up
+    assert report["shared_codes"]["vq2"]["n_words"] == 6 and report["shared_codes"]["vq2"]["n_same_code"] < 6
+    # a voice that renames every code (a unit per group) is found within each group, not across them
+    renamed = tracked[:10] + [c + 10 * (c > 0) for c in tracked[10:]]
+    data.codes = {"vq2": renamed}
+    split, _ = analyze(data, abx_context="off", groups=groups)
+    assert split["by"]["en"]["any_layer"]["n_detected"] == split["by"]["en-029"]["any_layer"]["n_detected"] == 6
+    assert split["shared_codes"]["vq2"] == {"n_words": 6, "n_same_code": 0}
+    # across both groups each code covers only its group's share of the word's occurrences
+    assert max(r["f1"] for r in split["layers"]["vq2"]["best_words"]) < 0.9
+    data.codes = {"vq2": tracked}
+    same, _ = analyze(data, abx_context="off", groups=groups)
+    assert same["shared_codes"]["vq2"] == {"n_words": 6, "n_same_code": 6} and same["any_layer"]["n_detected"] == 6
+    data.codes = {"vq2": codes}
     # the whole set sits in between: the tracked voice's codes still win some words
     assert 0 < report["any_layer"]["n_detected"] <= 6
-    assert "| en | 10 | 6 / 6 | 6 / 6 (100.0%) |" in markdown({**report, "group_by": "speaker~^([^+]+)"})
+    md = markdown({**report, "group_by": "speaker~^([^+]+)"})
+    assert "| en | 10 | 6 / 6 | 6 / 6 (100.0%) |" in md and "the same in every group: vq2 " in md
     assert "by" not in analyze(data, abx_context="off")[0]
 
 

@@ -14,8 +14,10 @@ finding, not a given. The report is a folder:
 
 Word detection needs word alignments in the corpus (``words``), ABX phone alignments (``phones``);
 what a corpus lacks is skipped with a note. ``--by`` (grouped as ``evaluate --by``, e.g.
-``'speaker~^([^+]+)'``: per accent) adds word detection within each group of utterances: a word whose
-code differs between accents is found within each accent but not across them.
+``'speaker~^([^+]+)'``: per accent) adds word detection within each group of utterances and counts
+the words whose best code is the same in every group: a word coded differently in each accent is found
+within each accent but not across them. A smaller group picks each word's best code from fewer
+occurrences, which favours a higher F1: compare groups of like size with each other.
 """
 from __future__ import annotations
 
@@ -134,13 +136,28 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
 
 
 def words_within(data: Collected, index: np.ndarray, top_n: int = 250) -> dict[str, Any]:
-    """Word detection over the utterances ``index`` only: words detected per layer and in some layer."""
+    """Word detection over the utterances ``index`` only: words detected per layer and in some layer,
+    and each word's best code and its F1 there (``best``: word -> [code, F1])."""
     found = {name: word_detection([codes[i] for i in index], [data.words[i] for i in index],
                                   data.frame_shift[name], top_n=top_n) for name, codes in data.codes.items()}
     return {"n_utterances": int(len(index)),
-            "layers": {name: {k: wd.summary()[k] for k in ("n_words", "n_detected", "fraction_detected")}
+            "layers": {name: {**{k: wd.summary()[k] for k in ("n_words", "n_detected", "fraction_detected")},
+                              "best": {str(w): [int(c), round(float(f), 4)]
+                                       for c, w, f in zip(wd.best.code, wd.best.word, wd.best.f1)}}
                        for name, wd in found.items()},
             "any_layer": detected_in_any(list(found.values()))}
+
+
+def shared_codes(by: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per layer, of the words every group has: how many have the same best code in every group
+    (a unit shared across voices or accents rather than one per group)."""
+    out = {}
+    for name in next(iter(by.values()))["layers"]:
+        bests = [row["layers"][name]["best"] for row in by.values()]
+        common = set.intersection(*(set(b) for b in bests))
+        same = sum(len({b[w][0] for b in bests}) == 1 for w in common)
+        out[name] = {"n_words": len(common), "n_same_code": same}
+    return out
 
 
 def best_across(abx_rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -198,6 +215,7 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
         report["any_layer"] = detected_in_any(detections)
         if groups:
             report["by"] = {group: words_within(data, index, top_n=top_n) for group, index in groups.items()}
+            report["shared_codes"] = shared_codes(report["by"])
 
     if abx_context != "off" and has_phones:
         phones = [data.phones[i] for i in data.abx_index]
@@ -319,6 +337,9 @@ def markdown(report: dict[str, Any]) -> str:
             any_layer = row["any_layer"]
             lines.append(f"| {group} | {row['n_utterances']} | " + " | ".join(cells) +
                          f" | {any_layer['n_detected']} / {any_layer['n_words']} ({_pct(any_layer['fraction_detected'])}) |")
+        shared = report.get("shared_codes") or {}
+        lines += ["", "Words whose best code is the same in every group: " + ", ".join(
+            f"{n} {r['n_same_code']} of {r['n_words']}" for n, r in shared.items()) + "."]
     if report["abx"]:
         lines += ["", f"## ABX error ({report['abx_context']} context; chance = 50%)", "",
                   "| representation | within speakers | across speakers |", "|---|---|---|"]
@@ -454,6 +475,9 @@ def main(args: argparse.Namespace) -> int:
         layers = "  ".join(f"{n} {r['n_detected']}" for n, r in row["layers"].items())
         print(f"  {report['group_by']} = {group} ({row['n_utterances']} utterances): {layers}  "
               f"some layer {row['any_layer']['n_detected']}/{row['any_layer']['n_words']}")
+    if report.get("shared_codes"):
+        print("  same best code in every group: " + "  ".join(
+            f"{n} {r['n_same_code']}/{r['n_words']} words" for n, r in report["shared_codes"].items()))
     if report["abx"]:
         print(f"ABX error ({report['abx_context']} context)   within   across")
         width = max(len(n) for n in report["abx"])
