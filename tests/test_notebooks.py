@@ -110,7 +110,8 @@ def test_units_notebook(checkpoint):
     nb, result = run_notebook("units.ipynb", {"CHECKPOINT": checkpoint, "SMALL": True, "MAX_CAPTIONS": n},
                               "{'layers': layers, 'captions': n, 'examples': examples, "
                               "'bitrate': {k: r.bitrate for k, r in rates.items()}, "
-                              "'detected': {k: d.n_detected for k, d in detections.items()}}")
+                              "'detected': {k: d.n_detected for k, d in detections.items()}, "
+                              "'accents': sorted(groups), 'by': globals().get('by', {})}")
     figures, text = _outputs(nb)
     layers = g.code_layers()
     assert result["layers"] == layers and result["captions"] == n
@@ -126,7 +127,21 @@ def test_units_notebook(checkpoint):
     assert set(result["detected"]) == set(layers)
     assert figures == len(result["examples"]) + 2
     assert "most used codes" in text and "best word" in text
-    print(f"units.ipynb ran in {nb.metadata['seconds']:.1f} s")
+    # per accent: the captions grouped by the accent before the voice's "+", each group counted alone
+    accents = sorted({c["speaker"].split("+", 1)[0] for c in g.captions[:n]})
+    assert result["accents"] == accents
+    if len(accents) > 1:
+        from s2i.analysis import word_detection
+
+        for a in accents:
+            index = [j for j, c in enumerate(g.captions[:n]) if c["speaker"].split("+", 1)[0] == a]
+            for layer in layers:
+                alone = word_detection([g.caption_codes(layer, j).numpy() for j in index],
+                                       [[tuple(w) for w in g.captions[j]["words"]] for j in index], g.frame_shift(layer))
+                assert result["by"][a]["n_utterances"] == len(index)
+                assert result["by"][a]["layers"][layer]["n_detected"] == alone.n_detected
+        assert "same best code" in text
+    print(f"units.ipynb ran in {nb.metadata['seconds']:.1f} s; accents {accents}")
 
 
 def test_retrieval_notebook(checkpoint):

@@ -135,11 +135,13 @@ def collect(model, records: Sequence[dict], audio_path, *, layers: Sequence[str]
     return out
 
 
-def words_within(data: Collected, index: np.ndarray, top_n: int = 250) -> dict[str, Any]:
-    """Word detection over the utterances ``index`` only: words detected per layer and in some layer,
-    and each word's best code and its F1 there (``best``: word -> [code, F1])."""
-    found = {name: word_detection([codes[i] for i in index], [data.words[i] for i in index],
-                                  data.frame_shift[name], top_n=top_n) for name, codes in data.codes.items()}
+def words_within(codes: dict[str, Sequence[np.ndarray]], words: Sequence, frame_shift: dict[str, float],
+                 index: np.ndarray, top_n: int = 250) -> dict[str, Any]:
+    """Word detection over the utterances ``index`` only (``codes``: layer -> codes per utterance,
+    ``words``: alignments per utterance): words detected per layer and in some layer, and each word's
+    best code and its F1 there (``best``: word -> [code, F1])."""
+    found = {name: word_detection([per_utt[i] for i in index], [words[i] for i in index], frame_shift[name],
+                                  top_n=top_n) for name, per_utt in codes.items()}
     return {"n_utterances": int(len(index)),
             "layers": {name: {**{k: wd.summary()[k] for k in ("n_words", "n_detected", "fraction_detected")},
                               "best": {str(w): [int(c), round(float(f), 4)]
@@ -214,7 +216,8 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
     if detections:
         report["any_layer"] = detected_in_any(detections)
         if groups:
-            report["by"] = {group: words_within(data, index, top_n=top_n) for group, index in groups.items()}
+            report["by"] = {group: words_within(data.codes, data.words, data.frame_shift, index, top_n=top_n)
+                            for group, index in groups.items()}
             report["shared_codes"] = shared_codes(report["by"])
 
     if abx_context != "off" and has_phones:
