@@ -398,6 +398,10 @@ def test_word_detection_by_group():
     md = markdown({**report, "group_by": "speaker~^([^+]+)"})
     assert "| en | 10 | 6 / 6 | 6 / 6 (100.0%) |" in md and "the same in every group: vq2 " in md
     assert "by" not in analyze(data, abx_context="off")[0]
+    # a group without content words is a note, not a failure of the whole report
+    data.words = words[:19] + [[("the", 0.1, 0.2)]]
+    noted, _ = analyze(data, abx_context="off", groups={**groups, "stop words only": np.array([19])})
+    assert set(noted["by"]) == {"en", "en-029"} and any("'stop words only'" in n for n in noted["notes"])
 
 
 def _tiny_corpus(root: Path) -> Path:

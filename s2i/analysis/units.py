@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from s2i.analysis.abx import ABXError, abx
 from s2i.analysis.bitrate import bitrate
-from s2i.analysis.words import CodeWordTable, detected_in_any, word_detection
+from s2i.analysis.words import CodeWordTable, WordDetectionError, detected_in_any, word_detection
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +142,11 @@ def words_within(codes: dict[str, Sequence[np.ndarray]], words: Sequence, frame_
     best code and its F1 there (``best``: word -> [code, F1])."""
     found = {name: word_detection([per_utt[i] for i in index], [words[i] for i in index], frame_shift[name],
                                   top_n=top_n) for name, per_utt in codes.items()}
-    return {"n_utterances": int(len(index)),
-            "layers": {name: {**{k: wd.summary()[k] for k in ("n_words", "n_detected", "fraction_detected")},
-                              "best": {str(w): [int(c), round(float(f), 4)]
-                                       for c, w, f in zip(wd.best.code, wd.best.word, wd.best.f1)}}
-                       for name, wd in found.items()},
-            "any_layer": detected_in_any(list(found.values()))}
+    layers = {name: {"n_words": wd.n_words, "n_detected": wd.n_detected, "fraction_detected": wd.fraction_detected,
+                     "best": {str(w): [int(c), round(float(f), 4)]
+                              for c, w, f in zip(wd.best.code, wd.best.word, wd.best.f1)}}
+              for name, wd in found.items()}
+    return {"n_utterances": int(len(index)), "layers": layers, "any_layer": detected_in_any(list(found.values()))}
 
 
 def shared_codes(by: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -215,10 +214,14 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
         report["layers"][name] = layer
     if detections:
         report["any_layer"] = detected_in_any(detections)
-        if groups:
-            report["by"] = {group: words_within(data.codes, data.words, data.frame_shift, index, top_n=top_n)
-                            for group, index in groups.items()}
-            report["shared_codes"] = shared_codes(report["by"])
+        by = {}
+        for group, index in (groups or {}).items():
+            try:
+                by[group] = words_within(data.codes, data.words, data.frame_shift, index, top_n=top_n)
+            except WordDetectionError as exc:
+                report["notes"].append(f"word detection within group {group!r}: {exc}")
+        if by:
+            report["by"], report["shared_codes"] = by, shared_codes(by)
 
     if abx_context != "off" and has_phones:
         phones = [data.phones[i] for i in data.abx_index]
@@ -396,8 +399,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ABX: at most this many DTWs per representation (0 = no limit)")
     parser.add_argument("--top-n", type=int, default=250, help="mean F1 over the N best-detected words")
     parser.add_argument("--by", default=None, metavar="FIELD",
-                        help="also detect words within each group of utterances, grouped as evaluate --by groups "
-                             "captions: a record field (speaker) or FIELD~REGEX ('speaker~^([^+]+)': per accent)")
+                        help="also detect words within each group of utterances, grouped like evaluate --by: "
+                             "a record field (speaker) or FIELD~REGEX ('speaker~^([^+]+)': per accent)")
     parser.add_argument("--out", default=None, help="report folder (default: runs/analysis/units-<checkpoint>-<split>)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--batch-size", type=int, default=16)
