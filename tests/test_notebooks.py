@@ -102,7 +102,8 @@ def test_committed_notebooks_are_valid_and_cleared(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", []) and "CHECKPOINT = \"default\"" in code[0].source
     assert all(not c.outputs and c.execution_count is None for c in code), "commit notebooks with cleared outputs"
-    assert all(c.get("id") for c in nb.cells), "every cell needs an id (nbformat 4.5; a later nbformat refuses none)"
+    raw = json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))  # nbformat.read fills missing ids in silently
+    assert all(c.get("id") for c in raw["cells"]), "every cell needs an id (nbformat 4.5; later versions refuse none)"
 
 
 def test_units_notebook(checkpoint):
