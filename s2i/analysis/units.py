@@ -149,6 +149,21 @@ def words_within(codes: dict[str, Sequence[np.ndarray]], words: Sequence, frame_
     return {"n_utterances": int(len(index)), "layers": layers, "any_layer": detected_in_any(list(found.values()))}
 
 
+def words_by_group(codes: dict[str, Sequence[np.ndarray]], words: Sequence, frame_shift: dict[str, float],
+                   keys: Sequence[str], top_n: int = 250) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """:func:`words_within` for each group of utterances (``keys``: one group name per utterance, e.g.
+    from :func:`s2i.evaluate.group_key`) -> (``{group: ...}``, notes). A group whose utterances hold no
+    content words is left out, with a note."""
+    keys = np.asarray(keys, dtype=object)
+    by, notes = {}, []
+    for group in sorted(set(keys)):
+        try:
+            by[group] = words_within(codes, words, frame_shift, np.flatnonzero(keys == group), top_n=top_n)
+        except WordDetectionError as exc:
+            notes.append(f"word detection within group {group!r}: {exc}")
+    return by, notes
+
+
 def shared_codes(by: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Per layer, of the words every group has: how many have the same best code in every group
     (a unit shared across voices or accents rather than one per group)."""
@@ -182,11 +197,11 @@ def _finite(value: Any) -> Any:
 
 def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", abx_max_group: int = 10,
             abx_max_x: int = 5, abx_max_dtw: int = 2_000_000, seed: int = 0,
-            groups: dict[str, np.ndarray] | None = None,
+            group_keys: Sequence[str] | None = None,
             progress: bool = False) -> tuple[dict[str, Any], dict[str, CodeWordTable]]:
     """Word detection, bitrate and ABX of collected units -> (report dict, full code-word table per layer).
 
-    ``groups`` (name -> utterance indices, e.g. one per accent) adds word detection within each group
+    ``group_keys`` (one group name per utterance, e.g. its accent) adds word detection within each group
     under ``report["by"]``: which voices' words the units find.
     """
     report: dict[str, Any] = {"n_utterances": len(data.utt_ids), "duration_s": float(data.durations.sum()),
@@ -214,14 +229,11 @@ def analyze(data: Collected, *, top_n: int = 250, abx_context: str = "within", a
         report["layers"][name] = layer
     if detections:
         report["any_layer"] = detected_in_any(detections)
-        by = {}
-        for group, index in (groups or {}).items():
-            try:
-                by[group] = words_within(data.codes, data.words, data.frame_shift, index, top_n=top_n)
-            except WordDetectionError as exc:
-                report["notes"].append(f"word detection within group {group!r}: {exc}")
-        if by:
-            report["by"], report["shared_codes"] = by, shared_codes(by)
+        if group_keys is not None:
+            by, notes = words_by_group(data.codes, data.words, data.frame_shift, group_keys, top_n=top_n)
+            report["notes"] += notes
+            if by:
+                report["by"], report["shared_codes"] = by, shared_codes(by)
 
     if abx_context != "off" and has_phones:
         phones = [data.phones[i] for i in data.abx_index]
@@ -436,18 +448,17 @@ def run(checkpoint: str, *, data: str | None = None, split: str = "test", layers
     rng = np.random.default_rng(seed)
     chosen = _choose(len(records), max_utts, rng)
     records = [records[i] for i in chosen]
-    groups = None
+    keys = None
     if by:
         try:
             keys = [group_key(r, by) for r in records]
         except ValueError as e:
             raise AnalysisError(str(e)) from None
-        groups = {k: np.flatnonzero(np.array(keys) == k) for k in sorted(set(keys))}
     abx_index = _choose(len(records), abx_utts, rng) if abx_context != "off" else np.zeros(0, dtype=np.int64)
     data_ = collect(model, records, info.audio_path, layers=layers, abx_index=abx_index, batch_size=batch_size,
                     progress=progress)
     report, tables = analyze(data_, top_n=top_n, abx_context=abx_context, abx_max_group=abx_max_group,
-                             abx_max_dtw=abx_max_dtw, seed=seed, groups=groups, progress=progress)
+                             abx_max_dtw=abx_max_dtw, seed=seed, group_keys=keys, progress=progress)
     report = {"checkpoint": str(folder), "model": model.config.name, "corpus": str(info.root), "split": split,
               **({"group_by": by} if by else {}), **report}
     return report, tables
