@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from s2i.files import read_header, replace_file, write_text
+
 log = logging.getLogger(__name__)
 
 FORMAT = "s2i-gallery"
@@ -72,15 +74,7 @@ class Gallery:
             raise GalleryError(
                 f"no exported gallery in {root} (needs {JSON_FILE} and {TENSORS_FILE}); make one with "
                 f"`python -m s2i export {root} --data CORPUS --split test`")
-        try:
-            meta = json.loads((root / JSON_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise GalleryError(f"{root / JSON_FILE} is not valid JSON: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise GalleryError(f"{root / JSON_FILE} is not an s2i gallery (format {found!r})")
-        if meta.get("version", 0) > VERSION:
-            raise GalleryError(f"{root / JSON_FILE} has version {meta['version']}; this s2i reads up to {VERSION}")
+        meta = read_header(root / JSON_FILE, FORMAT, VERSION, GalleryError, "gallery")
         try:
             tensors = load_file(str(root / TENSORS_FILE))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -251,8 +245,8 @@ class Gallery:
             tensors[f"codes.{name}.offsets"] = offsets.long().contiguous()
         meta = {k: v for k, v in self.meta.items() if k != "corpus_dir"}
         meta.update(format=FORMAT, version=VERSION, images=self.images, captions=self.captions)
-        _atomic_write(root / TENSORS_FILE, lambda p: save_file(tensors, str(p)))
-        _atomic_write(root / JSON_FILE, lambda p: p.write_text(json.dumps(meta, ensure_ascii=False)))
+        replace_file(root / TENSORS_FILE, lambda p: save_file(tensors, str(p)))
+        write_text(root / JSON_FILE, json.dumps(meta, ensure_ascii=False))
         self.root = root
         return root
 
@@ -275,12 +269,6 @@ def flatten_scene(scene: dict[str, Any], prefix: str = "") -> dict[str, str]:
         elif value is not None and value != "":
             flat[name] = str(value)
     return flat
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def find_gallery(checkpoint_dir: str | Path) -> Path | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from s2i.files import read_header, replace_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +206,12 @@ class Index:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _replace(directory / VECTORS_FILE, lambda p: save_file({"vectors": self.vectors}, str(p)))
+        replace_file(directory / VECTORS_FILE, lambda p: save_file({"vectors": self.vectors}, str(p)))
         if self._faiss is not None:
-            _replace(directory / FAISS_FILE, lambda p: _import_faiss().write_index(self._faiss, str(p)))
+            replace_file(directory / FAISS_FILE, lambda p: _import_faiss().write_index(self._faiss, str(p)))
         meta = {"format": FORMAT, "version": VERSION, "method": self.method, "size": len(self), "dim": self.dim,
                 "nlist": self.nlist, "nprobe": self.nprobe, "ids": self.ids}
-        _replace(directory / JSON_FILE, lambda p: p.write_text(json.dumps(meta, ensure_ascii=False)))
+        write_text(directory / JSON_FILE, json.dumps(meta, ensure_ascii=False))
         return directory
 
     @classmethod
@@ -222,15 +223,7 @@ class Index:
         directory = Path(directory)
         if not (directory / JSON_FILE).is_file() or not (directory / VECTORS_FILE).is_file():
             raise SearchError(f"no s2i index in {directory} (needs {JSON_FILE} and {VECTORS_FILE})")
-        try:
-            meta = json.loads((directory / JSON_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise SearchError(f"{directory / JSON_FILE} is not valid JSON: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise SearchError(f"{directory / JSON_FILE} is not an s2i index (format {found!r})")
-        if meta.get("version", 0) > VERSION:
-            raise SearchError(f"{directory / JSON_FILE} has version {meta['version']}; this s2i reads up to {VERSION}")
+        meta = read_header(directory / JSON_FILE, FORMAT, VERSION, SearchError, "index")
         missing = [key for key in ("method", "size", "dim", "nlist", "nprobe", "ids") if key not in meta]
         if missing:
             raise SearchError(f"{directory / JSON_FILE} lacks {missing}; save the index again")
@@ -268,13 +261,6 @@ def _spherical_kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator)
         sums[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=generator)]
         centres = torch.nn.functional.normalize(sums, dim=1)
     return centres
-
-
-def _replace(path: Path, write) -> None:
-    """Write ``path`` through a temporary sibling so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ CLI

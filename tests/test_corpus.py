@@ -266,7 +266,7 @@ def test_cache_resumes_after_interruption(tmp_path, corpus, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(corpus, copy, ignore=shutil.ignore_patterns("cache"))
     calls = {"n": 0}
-    real_save = cache._save_atomic
+    real_save = cache._save_npy
 
     def dying_save(path, array):  # the process "dies" while writing the 4th shard's second array
         calls["n"] += 1
@@ -274,12 +274,12 @@ def test_cache_resumes_after_interruption(tmp_path, corpus, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         real_save(path, array)
 
-    monkeypatch.setattr(cache, "_save_atomic", dying_save)
+    monkeypatch.setattr(cache, "_save_npy", dying_save)
     with pytest.raises(KeyboardInterrupt):
         cache.build_audio_cache(copy, "train", "mfcc", shard_size=3, progress=False)
     out = cache.audio_cache_dir(read_corpus(copy), "train", "mfcc")
     assert len(list(out.glob("shard-*.json"))) == 3 and not (out / "meta.json").exists()
-    monkeypatch.setattr(cache, "_save_atomic", real_save)
+    monkeypatch.setattr(cache, "_save_npy", real_save)
     report = cache.build_audio_cache(copy, "train", "mfcc", shard_size=3, progress=False)
     assert report.shards_skipped == 3 and report.shards_built == 3 and not report.failed
     assert not list(out.glob("*.tmp"))

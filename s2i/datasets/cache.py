@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from s2i.audio import FEATURE_VERSIONS
+from s2i.files import replace_file, write_text
 from s2i.datasets.corpus import (
     AUDIO_FEATURES,
     CorpusError,
@@ -277,30 +278,24 @@ def _as_is(item):
     return item
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a path ending in ".tmp"
+        np.save(f, array)
+
+
 def parallel_map(load: Callable[[int], Any], indices: Sequence[int], workers: int = 0) -> Iterable[tuple[int, bool, Any, list[str]]]:
     """``load(i)`` for each index on ``workers`` processes (0: here), in order, as
     ``(i, ok, result or error message, warnings raised)``; ``load`` must be picklable."""
     return DataLoader(_Items(load, indices), batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is)
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_shard(out: Path, shard: int, arrays: dict[str, np.ndarray], record: dict) -> None:
     """Write a shard's arrays, then its marker: the shard counts as done only once the marker exists."""
     for name, array in arrays.items():
-        _save_atomic(out / f"{name}-{_SHARD.format(shard)}.npy", array)
-    _write_text_atomic(out / f"shard-{_SHARD.format(shard)}.json", json.dumps(record))
+        replace_file(out / f"{name}-{_SHARD.format(shard)}.npy", lambda p: _save_npy(p, array))
+    write_text(out / f"shard-{_SHARD.format(shard)}.json", json.dumps(record))
 
 
 def _clear(out: Path) -> None:
@@ -334,7 +329,7 @@ def _build(out: Path, *, kind: str, split: str, fingerprint: str, params: dict, 
         if previous != build:
             logger.warning("cache %s was made from other data or options: rebuilding it", out)
             _clear(out)
-    _write_text_atomic(build_file, json.dumps(build))
+    write_text(build_file, json.dumps(build))
 
     num_shards = math.ceil(n / shard_size)
     done = [k for k in range(num_shards) if (out / f"shard-{_SHARD.format(k)}.json").is_file()]
@@ -391,10 +386,10 @@ def _build(out: Path, *, kind: str, split: str, fingerprint: str, params: dict, 
         report.failed.extend(record["failed"])
         report.warnings.extend(record.get("warnings", []))
     report.seconds = round(time.time() - start, 3)
-    _write_text_atomic(out / "report.json", json.dumps(report.to_dict(), indent=1))
+    write_text(out / "report.json", json.dumps(report.to_dict(), indent=1))
     meta = {"kind": kind, "fingerprint": fingerprint, "items": n, "shard_size": int(shard_size),
             "num_shards": num_shards, "failed": len(report.failed), "params": params, **(meta_extra or {})}
-    _write_text_atomic(out / "meta.json", json.dumps(meta, indent=1))
+    write_text(out / "meta.json", json.dumps(meta, indent=1))
     if report.failed:
         logger.warning("%s %s: %d of %d items failed (listed in %s): %s", kind, split, len(report.failed), n,
                        out / "report.json", ", ".join(f["file"] for f in report.failed[:10]))

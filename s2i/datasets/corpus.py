@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from s2i.files import write_text
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "s2i-corpus"
@@ -156,12 +158,6 @@ class Manifest:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def problem_summary(problems: list[dict], keep: int = 100) -> dict[str, Any]:
     """Counts per reason plus the first ``keep`` problems, for ``corpus.json``'s report."""
     by_reason: dict[str, int] = {}
@@ -184,16 +180,16 @@ def write_corpus(out_dir: str | os.PathLike, manifest: Manifest) -> CorpusInfo:
             missing = [k for k in RECORD_KEYS if k not in rec]
             if missing:
                 raise CorpusError(f"utterance {rec.get('utt_id', rec)!r} of split {split!r} lacks {missing}")
-        _atomic_write_text(out / f"{split}.jsonl",
+        write_text(out / f"{split}.jsonl",
                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         splits[split] = {"utterances": len(records), "images": len({r["image_id"] for r in records})}
-    _atomic_write_text(out / "problems.json", json.dumps(manifest.problems, indent=1, ensure_ascii=False))
+    write_text(out / "problems.json", json.dumps(manifest.problems, indent=1, ensure_ascii=False))
     report = dict(manifest.report)
     report["problems"] = problem_summary(manifest.problems)
     meta = {"format": FORMAT, "version": VERSION, "name": manifest.name, "sample_rate": SAMPLE_RATE,
             "splits": splits, "image_root": str(manifest.image_root), "audio_root": str(manifest.audio_root),
             "report": report}
-    _atomic_write_text(out / "corpus.json", json.dumps(meta, indent=1, ensure_ascii=False))
+    write_text(out / "corpus.json", json.dumps(meta, indent=1, ensure_ascii=False))
     return read_corpus(out)
 
 
@@ -235,7 +231,7 @@ def update_report(corpus_dir: str | os.PathLike, **entries: Any) -> None:
     path = info.root / "corpus.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta.setdefault("report", {}).update(entries)
-    _atomic_write_text(path, json.dumps(meta, indent=1, ensure_ascii=False))
+    write_text(path, json.dumps(meta, indent=1, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------------------
