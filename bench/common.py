@@ -2,7 +2,7 @@
 
     from common import machine, machine_line      # scripts in bench/ (run as python bench/x.py)
     print(machine_line())                         # one line for a log
-    json.dump({"machine": machine(), ...})        # or the full dict in a JSON result
+    write_json(path, {"machine": machine(), ...})  # or the full dict in a JSON result
 
 Figures from different machines, or from one machine under different load, are not comparable:
 the dict says CPU model, cores (and how many this process may use), RAM, the load average at the
@@ -10,6 +10,7 @@ time, torch's intra-op threads, OMP_NUM_THREADS, library versions and the GPU, i
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -93,3 +94,10 @@ def make_standin(folder: Path, layout: str = "umap") -> Path:
 
 if __name__ == "__main__":
     print(machine_line())
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    """Write a benchmark's JSON result (``--json PATH``), making its folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))

@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line  # noqa: E402
+from common import machine, machine_line, write_json  # noqa: E402
 from s2i.config import preset  # noqa: E402
 from s2i.losses import build_loss  # noqa: E402
 from s2i.model import build_model  # noqa: E402
@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nmeasured: params, FLOPs per utterance (counted), CPU utt/s. derived: every epoch time and GPU-hour figure "
           f"(GPU: FLOPs / ({peak / 1e12:.0f} TFLOP/s x {args.mfu}), at least {args.min_step_ms:g} ms a step).")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import glob
-import json
 import math
 import os
 import sys
@@ -43,7 +42,7 @@ import torchaudio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line  # noqa: E402
+from common import machine, machine_line, write_json  # noqa: E402
 from s2i.audio import DUST, MFCC, load_audio  # noqa: E402
 
 SR = 16000
@@ -262,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
               f"of energy in (0, 2.2e-16) ({a['utterances_with_tiny_energy']} have one)")
     print(f"load average after: {results['load_average_after']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
 
 

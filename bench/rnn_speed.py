@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import machine, machine_line  # noqa: E402
+from common import machine, machine_line, write_json  # noqa: E402
 
 import s2i.encoders.speech as speech  # noqa: E402
 import s2i.encoders.text as text  # noqa: E402
@@ -88,7 +87,7 @@ def main() -> None:
     m = machine()
     print(machine_line(m))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": m, "device": dev, "rows": rows}, indent=2))
+        write_json(args.json, {"machine": m, "device": dev, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Targets (2 cores): p50 <= 5 ms at 10k; <= 100 ms at 1M with recall@10 >= 0.95.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import machine, machine_line  # noqa: E402  (bench/common.py)
+from common import machine, machine_line, write_json  # noqa: E402  (bench/common.py)
 from s2i import search as s2i_search  # noqa: E402
 from s2i.search import Index  # noqa: E402
 
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print("method 'ivf P/L': faiss IVF-flat scanning P of L k-means cells; build_s includes k-means")
     print(f"load average at the end: {[round(x, 2) for x in os.getloadavg()]}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1))
+        write_json(args.json, {"machine": info, "args": vars(args), "rows": rows})
     return 0
 
 

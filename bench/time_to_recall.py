@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from common import write_json  # bench/common.py: this script's folder is on sys.path
+
 
 def validations(run: Path) -> list[dict]:
     """The validation lines of a run's metrics.jsonl, in order."""
@@ -53,8 +55,7 @@ def main() -> None:
             print(f"| {run} | epoch {r['epoch']} | {minutes} | {r['val']['speech_to_image']['R@10']:.3f} | "
                   f"{r['val']['image_to_speech']['R@10']:.3f} | {mark} |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threshold": args.threshold, "runs": result}, indent=2))
+        write_json(args.json, {"threshold": args.threshold, "runs": result})
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import machine, machine_line  # noqa: E402
+from common import machine, machine_line, write_json  # noqa: E402
 from s2i.config import preset  # noqa: E402
 from s2i.datasets.corpus import BucketBatchSampler, RandomBatchSampler, padding_fraction  # noqa: E402
 
@@ -217,7 +217,7 @@ def main() -> int:
                 gain = pair["bucketed"]["epoch_utterances_per_s"] / pair["unbucketed"]["epoch_utterances_per_s"]
                 print(f"{name}: bucketing x{gain:.2f} utterances/s per epoch")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+        write_json(args.json, {"machine": machine(), "results": results})
     return 0
 
 
