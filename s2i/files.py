@@ -23,17 +23,20 @@ def write_text(path: str | Path, text: str) -> None:
     replace_file(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
-def read_header(path: str | Path, fmt: str, version: int, error: type[Exception], what: str) -> dict[str, Any]:
+def read_header(path: str | Path, fmt: str, version: int, error: type[Exception], what: str,
+                remedy: str = "") -> dict[str, Any]:
     """The JSON object in ``path``, checked to be of format ``fmt`` at a version up to ``version``;
-    anything else raises ``error`` that says so (``what`` names the kind of file, e.g. "gallery")."""
+    anything else raises ``error`` that says so (``what`` names the kind of file, e.g. "gallery";
+    ``remedy``, if given, ends each message with what to do)."""
     path = Path(path)
+    then = f": {remedy}" if remedy else ""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path} is not valid JSON: {exc}") from None
+        raise error(f"{path} is not valid JSON ({exc}){then}") from None
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise error(f"{path} is not an s2i {what} (format {found!r})")
+        raise error(f"{path} is not an s2i {what} (format {found!r}, expected {fmt!r}){then}")
     if meta.get("version", 0) > version:
-        raise error(f"{path} has version {meta['version']}; this s2i reads up to {version}")
+        raise error(f"{path} has version {meta['version']}; this s2i reads up to {version}{then}")
     return meta

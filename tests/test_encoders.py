@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from s2i.config import ConfigError, SpeechConfig, VQConfig, preset
+from s2i.config import ConfigError, SpeechConfig, preset
 from s2i.encoders.image import BackboneImageEncoder, LinearImageEncoder, SmallCNN, build_image_encoder
 from s2i.encoders.pooling import AttentionPooling, MeanPooling
 from s2i.encoders.rnn import bidirectional, reverse_within

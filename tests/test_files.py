@@ -30,8 +30,8 @@ def test_replace_file_keeps_the_old_file_when_the_write_dies(tmp_path):
     ('{"format": "s2i-thing"}', None),  # no version: the first
     ("{not json", "not valid JSON"),
     (b"\xff\xfe\x00binary", "not valid JSON"),
-    ("[1, 2]", r"not an s2i thing \(format 'list'\)"),
-    ('{"format": "s2i-other", "version": 1}', r"not an s2i thing \(format 's2i-other'\)"),
+    ("[1, 2]", r"not an s2i thing \(format 'list', expected 's2i-thing'\)"),
+    ('{"format": "s2i-other", "version": 1}', r"not an s2i thing \(format 's2i-other', expected 's2i-thing'\)"),
     ('{"format": "s2i-thing", "version": 2}', "has version 2; this s2i reads up to 1"),
 ])
 def test_read_header(tmp_path, content, message):

@@ -96,7 +96,7 @@ NO_SPLIT_IMAGE = "1009434119_febe49276a"
 def _flickr_tree(root: Path, karpathy: bool = True) -> dict[str, Path]:
     wavs = root / "flickr_audio" / "wavs"
     capt, spk = [], []
-    broken = {f"1001773457_577c3a7d70_1.wav": "missing", "1002674143_1b742ab4b8_0.wav": "empty",
+    broken = {"1001773457_577c3a7d70_1.wav": "missing", "1002674143_1b742ab4b8_0.wav": "empty",
               "1003163366_44323f5815_1.wav": "truncated"}
     k = 0
     for image in list(FLICKR_SPLITS) + [NO_SPLIT_IMAGE]:

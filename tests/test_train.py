@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from s2i import checkpoint
 from s2i.config import ConfigError, ImageConfig, ModelConfig, SpeechConfig, TextConfig, TrainConfig
 from s2i.datasets.corpus import PairedDataset
-from s2i.train import build_configs, cyclic_cosine, global_batches, lr_at, run, train, warmup_cosine
+from s2i.train import build_configs, cyclic_cosine, global_batches, lr_at, run, train
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = [(230, 30, 30), (30, 200, 30), (40, 40, 230), (230, 220, 30), (200, 40, 220)]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from s2i.files import write_text
+from s2i.files import read_header, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +89,8 @@ def read_corpus(corpus_dir: str | os.PathLike) -> CorpusInfo:
     if not meta_file.is_file():
         raise CorpusError(f"{root} is not a prepared corpus: it has no corpus.json "
                           "(make one with `python -m s2i prepare ...`)")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorpusError(f"{meta_file} is not valid JSON ({e}); re-run `python -m s2i prepare`") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CorpusError(f"{meta_file} is not an s2i corpus description (format {found!r}, expected {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise CorpusError(f"{meta_file} has format version {meta.get('version')!r}; this s2i reads version "
-                          f"{VERSION}: re-run `python -m s2i prepare`")
+    meta = read_header(meta_file, FORMAT, VERSION, CorpusError, "corpus description",
+                       "re-run `python -m s2i prepare`")
     splits = meta.get("splits")
     if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
         raise CorpusError(f"{meta_file}: 'splits' must map split names to {{'utterances': n, 'images': n}}")
