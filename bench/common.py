@@ -92,12 +92,12 @@ def make_standin(folder: Path, layout: str = "umap") -> Path:
     return ckpt
 
 
-if __name__ == "__main__":
-    print(machine_line())
-
-
 def write_json(path: str | Path, result: dict) -> None:
     """Write a benchmark's JSON result (``--json PATH``), making its folder if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    print(machine_line())

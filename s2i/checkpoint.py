@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from s2i.files import read_header
 from s2i.model import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -239,14 +240,7 @@ def load(path: str | Path) -> dict[str, Any]:
     if not meta_path.is_file() or not tensor_path.is_file():
         raise CheckpointError(f"{folder} holds no training state ({STATE_JSON} + {STATE_TENSORS}); "
                               "is it a model folder rather than a run's last/ checkpoint?")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_path} is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} is not an s2i training state (format {meta.get('format')!r})")
-    if meta.get("version", 0) > VERSION:
-        raise CheckpointError(f"{meta_path} has version {meta['version']}; this s2i reads up to {VERSION}")
+    meta = read_header(meta_path, FORMAT, VERSION, CheckpointError, "training state")
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -24,10 +24,11 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def read_header(path: str | Path, fmt: str, version: int, error: type[Exception], what: str,
-                remedy: str = "") -> dict[str, Any]:
-    """The JSON object in ``path``, checked to be of format ``fmt`` at a version up to ``version``;
-    anything else raises ``error`` that says so (``what`` names the kind of file, e.g. "gallery";
-    ``remedy``, if given, ends each message with what to do)."""
+                remedy: str = "", oldest: int = 0) -> dict[str, Any]:
+    """The JSON object in ``path``, checked to be of format ``fmt`` at a version from ``oldest`` to
+    ``version`` (a header without one is version 0); anything else raises ``error`` that says so
+    (``what`` names the kind of file, e.g. "gallery"; ``remedy``, if given, ends each message with what
+    to do)."""
     path = Path(path)
     then = f": {remedy}" if remedy else ""
     try:
@@ -37,6 +38,12 @@ def read_header(path: str | Path, fmt: str, version: int, error: type[Exception]
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise error(f"{path} is not an s2i {what} (format {found!r}, expected {fmt!r}){then}")
-    if meta.get("version", 0) > version:
-        raise error(f"{path} has version {meta['version']}; this s2i reads up to {version}{then}")
+    try:
+        found = int(meta.get("version", 0))
+    except (TypeError, ValueError):
+        found = None
+    if found is None or found > version:
+        raise error(f"{path} has version {meta['version']!r}; this s2i reads up to {version}{then}")
+    if found < oldest:
+        raise error(f"{path} has version {meta.get('version')!r}; this s2i reads versions {oldest} to {version}{then}")
     return meta

@@ -30,6 +30,7 @@ from s2i.config import ConfigError, ModelConfig, from_dict, to_dict
 from s2i.encoders.image import build_image_encoder
 from s2i.encoders.speech import FEATURE_DIMS, SpeechOutput, build_speech_encoder
 from s2i.encoders.text import build_text
+from s2i.files import read_header
 from s2i.vq import VectorQuantizer
 
 log = logging.getLogger(__name__)
@@ -361,15 +362,7 @@ def _resolve(path_or_name: str | Path) -> Path:
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """``(ModelConfig, extra)`` from a checkpoint folder's ``config.json``."""
     folder = _resolve(path)
-    try:
-        meta = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{folder / CONFIG} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / CONFIG} is not an s2i model config (format "
-                              f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
-    if int(meta.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{folder / CONFIG} has version {meta['version']}; this s2i reads up to {VERSION}")
+    meta = read_header(folder / CONFIG, FORMAT, VERSION, CheckpointError, "model config")
     try:
         config = from_dict(ModelConfig, meta.get("model"), "model")
     except ConfigError as exc:

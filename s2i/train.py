@@ -63,6 +63,7 @@ from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSa
 from s2i.evaluate import mean_r10, model_folder, retrieval_scores, selection_score
 from s2i.losses import build_loss
 from s2i.encoders.text import Tokenizer
+from s2i.files import write_text
 from s2i.model import build_model, load_matching, read_weights
 
 log = logging.getLogger(__name__)
@@ -300,9 +301,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)  # never a half-rewritten history
+    write_text(path, "".join(line + "\n" for line in kept))  # never a half-rewritten history
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def read_corpus(corpus_dir: str | os.PathLike) -> CorpusInfo:
         raise CorpusError(f"{root} is not a prepared corpus: it has no corpus.json "
                           "(make one with `python -m s2i prepare ...`)")
     meta = read_header(meta_file, FORMAT, VERSION, CorpusError, "corpus description",
-                       "re-run `python -m s2i prepare`")
+                       "re-run `python -m s2i prepare`", oldest=VERSION)
     splits = meta.get("splits")
     if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
         raise CorpusError(f"{meta_file}: 'splits' must map split names to {{'utterances': n, 'images': n}}")
@@ -172,8 +172,7 @@ def write_corpus(out_dir: str | os.PathLike, manifest: Manifest) -> CorpusInfo:
             missing = [k for k in RECORD_KEYS if k not in rec]
             if missing:
                 raise CorpusError(f"utterance {rec.get('utt_id', rec)!r} of split {split!r} lacks {missing}")
-        write_text(out / f"{split}.jsonl",
-                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         splits[split] = {"utterances": len(records), "images": len({r["image_id"] for r in records})}
     write_text(out / "problems.json", json.dumps(manifest.problems, indent=1, ensure_ascii=False))
     report = dict(manifest.report)
