@@ -136,6 +136,8 @@ class TrainConfig:
     init_from: str = ""  # warm start: load matching weights from this checkpoint (e.g. VQ {} -> {3})
     distill_weight: float = 0.0  # > 0 (with init_from): also pull each spoken caption towards the embedding the
     #   init_from model, frozen, gives it (cosine distance; the warm start's teacher: what new VQ layers should keep)
+    freeze: str = ""  # comma-separated parts left as they are: speech, image, text, logit_scale (e.g. "image,text,logit_scale":
+    #   a VQ stage that adapts only the speech encoder to the space of its init_from model)
     max_frames: int = 2048  # longer utterances are cropped (with a warning at prepare time)
     log_every: int = 50  # steps between metric lines
     max_steps: int = 0  # stop (with a checkpoint, resumable) after this many steps in all; 0 = run every epoch
@@ -146,6 +148,9 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard logs to out_dir/tb
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(p.strip() for p in self.freeze.split(",") if p.strip()) - set(FREEZABLE))
+        if unknown:
+            raise ConfigError(f"freeze: unknown part(s) {', '.join(unknown)}; choose from {', '.join(FREEZABLE)}")
         for name, low in _TRAIN_MINIMA.items():
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -155,6 +160,9 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be {'above' if low[1] else 'at least'} {low[0]}, got {value!r}"
                                   + (f" ({low[2]})" if len(low) > 2 else ""))
 
+
+#: the parts of a model that ``TrainConfig.freeze`` can hold fixed
+FREEZABLE = ("speech", "image", "text", "logit_scale")
 
 #: the smallest value of each TrainConfig number: (bound, exclusive[, why])
 _TRAIN_MINIMA: dict[str, tuple] = {

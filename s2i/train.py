@@ -275,6 +275,20 @@ def _teacher(cfg: TrainConfig, features: str, device: torch.device) -> torch.nn.
     return teacher
 
 
+def freeze(model: torch.nn.Module, parts: str) -> list[torch.nn.Module]:
+    """Stop the gradient updates of the named parts (``TrainConfig.freeze``); returns their modules, which
+    the loop keeps in eval mode so that their BatchNorm statistics stay fixed too."""
+    frozen = []
+    for name in (p.strip() for p in parts.split(",") if p.strip()):
+        part = getattr(model, name, None)
+        if part is None:
+            raise ConfigError(f"freeze: this model has no {name!r} part")
+        part.requires_grad_(False)
+        if isinstance(part, torch.nn.Module):
+            frozen.append(part)
+    return frozen
+
+
 def set_seed(seed: int) -> None:
     import random
 
@@ -381,7 +395,10 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     elif cfg.init_from:
         # warm start (e.g. VQ {} -> {3}): matching weights are copied, new VQ layers start by k-means
         load_matching(model, read_weights(model_folder(cfg.init_from), device=device))
+    frozen = freeze(model, cfg.freeze)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"freeze={cfg.freeze!r} leaves nothing to train")
     feature_augment = FeatureAugment(cfg.feature_augment, features).to(device) if cfg.feature_augment else None
     image_augment = ImageAugment(cfg.image_augment).to(device) if cfg.image_augment else None
     if cfg.optimizer != "adam":
@@ -460,6 +477,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     with stop:
         while epoch < cfg.epochs and not interrupted and progress < 1:
             model.train()
+            for part in frozen:
+                part.eval()
             batches = global_batches(train_set, cfg, epoch, world)
             mine = [split_batch(b, world)[rank] for b in batches]
             loader = torch.utils.data.DataLoader(

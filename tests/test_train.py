@@ -350,6 +350,24 @@ def test_distillation_pulls_the_warm_started_model_towards_its_teacher(corpus, t
     assert closeness[5.0] > closeness[0.0], closeness
 
 
+def test_frozen_parts_keep_their_weights_and_batchnorm_statistics(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="unknown part.*audio"):
+        tiny_train(corpus, tmp_path / "x", freeze="image,audio")
+    with pytest.raises(ConfigError, match="nothing to train"):
+        run(tiny_train(corpus, tmp_path / "x", freeze="speech,image,logit_scale"), tiny_model())
+    train(tiny_train(corpus, tmp_path / "plain", epochs=1, eval_every=0), tiny_model())
+    out = tmp_path / "frozen"
+    train(tiny_train(corpus, out, epochs=2, eval_every=0, init_from=str(tmp_path / "plain"),
+                     freeze="image, logit_scale"), tiny_model(vq=True))
+    before = load_file(str(tmp_path / "plain" / "last" / "model.safetensors"))
+    after = load_file(str(out / "last" / "model.safetensors"))
+    image = [k for k in before if k.startswith("image.")]
+    assert any("running_mean" in k for k in image)  # the CNN's BatchNorm: eval mode keeps its statistics
+    for k in image + ["logit_scale"]:
+        torch.testing.assert_close(after[k], before[k], atol=0, rtol=0, msg=k)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("speech."))
+
+
 # ---------------------------------------------------------------------------------------------
 # configuration from the command line
 # ---------------------------------------------------------------------------------------------
