@@ -147,8 +147,13 @@ class TrainConfig:
     eval_batch_size: int = 100  # utterances per batch when embedding the validation split (the seed: 100)
     tensorboard: bool = True  # also write TensorBoard logs to out_dir/tb
 
+    @property
+    def frozen_parts(self) -> tuple[str, ...]:
+        """``freeze`` as a tuple of part names."""
+        return tuple(p.strip() for p in self.freeze.split(",") if p.strip())
+
     def __post_init__(self) -> None:
-        unknown = sorted(set(p.strip() for p in self.freeze.split(",") if p.strip()) - set(FREEZABLE))
+        unknown = sorted(set(self.frozen_parts) - set(FREEZABLE))
         if unknown:
             raise ConfigError(f"freeze: unknown part(s) {', '.join(unknown)}; choose from {', '.join(FREEZABLE)}")
         for name, low in _TRAIN_MINIMA.items():

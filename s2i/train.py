@@ -275,11 +275,11 @@ def _teacher(cfg: TrainConfig, features: str, device: torch.device) -> torch.nn.
     return teacher
 
 
-def freeze(model: torch.nn.Module, parts: str) -> list[torch.nn.Module]:
-    """Stop the gradient updates of the named parts (``TrainConfig.freeze``); returns their modules, which
-    the loop keeps in eval mode so that their BatchNorm statistics stay fixed too."""
+def freeze(model: torch.nn.Module, parts: tuple[str, ...]) -> list[torch.nn.Module]:
+    """Stop the gradient updates of the named parts (``TrainConfig.frozen_parts``); returns their modules,
+    which the loop keeps in eval mode so that their BatchNorm statistics stay fixed too."""
     frozen = []
-    for name in (p.strip() for p in parts.split(",") if p.strip()):
+    for name in parts:
         part = getattr(model, name, None)
         if part is None:
             raise ConfigError(f"freeze: this model has no {name!r} part")
@@ -395,7 +395,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
     elif cfg.init_from:
         # warm start (e.g. VQ {} -> {3}): matching weights are copied, new VQ layers start by k-means
         load_matching(model, read_weights(model_folder(cfg.init_from), device=device))
-    frozen = freeze(model, cfg.freeze)
+    frozen = freeze(model, cfg.frozen_parts)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"freeze={cfg.freeze!r} leaves nothing to train")
