@@ -278,17 +278,15 @@ def _as_is(item):
     return item
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a path ending in ".tmp"
-        np.save(f, array)
-
-
 def parallel_map(load: Callable[[int], Any], indices: Sequence[int], workers: int = 0) -> Iterable[tuple[int, bool, Any, list[str]]]:
     """``load(i)`` for each index on ``workers`` processes (0: here), in order, as
     ``(i, ok, result or error message, warnings raised)``; ``load`` must be picklable."""
     return DataLoader(_Items(load, indices), batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is)
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a path ending in ".tmp"
+        np.save(f, array)
 
 
 def _write_shard(out: Path, shard: int, arrays: dict[str, np.ndarray], record: dict) -> None:
