@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from s2i.datasets.speech_synthesis import ACCENTS, SynthesisError, Utterance, _Event, list_voices, synthesize
+from s2i.datasets.speech_synthesis import ACCENTS, FOREIGN_ACCENTS, SynthesisError, Utterance, _Event, list_voices, synthesize
 
 TEXT = "a small red circle above a big blue star"
 
@@ -57,7 +57,7 @@ def test_punctuation_pauses_and_merged_words():
     assert by["Then"][0] - by["circle"][1] > 0.1  # the full stop is a pause
 
 
-@pytest.mark.parametrize("accent", ACCENTS)
+@pytest.mark.parametrize("accent", ACCENTS + FOREIGN_ACCENTS)
 def test_every_accent_speaks(accent):
     utt = synthesize("a green heart", voice=accent, variant="m2")
     assert [w for w, _, _ in utt.words] == ["a", "green", "heart"]
@@ -84,9 +84,16 @@ def test_rate_pitch_and_voice_change_the_audio():
     assert not np.allclose(other.audio[:n], base.audio[:n])
 
 
+def test_a_foreign_accent_reads_english_with_its_own_rules():
+    """German letter-to-sound rules give "three" no English "th": foreign-accented English."""
+    english, german = synthesize("three red stars"), synthesize("three red stars", voice="de")
+    assert [w for w, _, _ in german.words] == ["three", "red", "stars"]
+    assert english.phones[0][0] == "θ" and "θ" not in {p for p, _, _ in german.phones}
+
+
 def test_list_voices():
     voices = list_voices()
-    assert set(voices["accents"]) == set(ACCENTS)
+    assert set(voices["accents"]) == set(ACCENTS) and set(voices["foreign_accents"]) == set(FOREIGN_ACCENTS)
     assert {"f1", "f5", "m1", "m8", "klatt"} <= set(voices["variants"])
 
 

@@ -207,3 +207,17 @@ def test_test_split_alone_is_the_whole_corpus_s_test_split(corpus, tmp_path):
     assert (part / "val.jsonl").exists() and (part / "test.jsonl").read_bytes() == (corpus / "test.jsonl").read_bytes()
     with pytest.raises(syn.SyntheticCorpusError, match="unknown splits"):
         syn.generate(part, size="small", splits=("dev",))
+
+
+def test_foreign_accents_join_the_training_voices_only(corpus, tmp_path):
+    plain, foreign = (syn._plan(syn.SIZES_PRESETS["default"], seed=0, foreign_accents=f) for f in (False, True))
+    assert [t for t in foreign if t.split.startswith("test")] == [t for t in plain if t.split.startswith("test")]
+    heard = {v.split("+")[0] for t in foreign if not t.split.startswith("test") for v in t.voices}
+    assert heard == set(syn.TRAIN_ACCENTS) | {"af", "de", "nl"}
+    assert not heard & set(syn.TEST_ACCENTS)
+    # the option is part of the corpus's identity: a folder made without it is not reused with it
+    out = syn.generate(tmp_path / "c", size="small", workers=0, splits=("test_compositional",), foreign_accents=True)
+    assert json.loads((out / "complete").read_text())["foreign_accents"] is True
+    assert read_split(out, "test_compositional") == read_split(corpus, "test_compositional")
+    with pytest.raises(syn.SyntheticCorpusError, match="another size, seed or voices"):
+        syn.generate(out, size="small", workers=0, splits=("test_compositional",))

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 ACCENTS: tuple[str, ...] = (
     "en", "en-us", "en-us-nyc", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
 )
+#: Voices of three other West Germanic languages. Given English text they read it with their own
+#: letter-to-sound rules (switching to English only for the words their dictionaries mark as English):
+#: foreign-accented English, far more varied than the English accents among themselves.
+FOREIGN_ACCENTS: tuple[str, ...] = ("af", "de", "nl")
 RATE_RANGE = (80, 450)  # words per minute, eSpeak's limits
 _STRESS_MARKS = "ˈˌ"
 _PUNCTUATION = ".,;:!?\"'()"
@@ -197,8 +201,8 @@ def _synthesize_fresh(text: str, voice_name: str, rate: int, pitch: int) -> tupl
 
 
 def _voice_name(voice: str, variant: str | None) -> str:
-    if voice not in ACCENTS:
-        raise SynthesisError(f"unknown accent {voice!r}; choose one of {', '.join(ACCENTS)}")
+    if voice not in ACCENTS + FOREIGN_ACCENTS:
+        raise SynthesisError(f"unknown accent {voice!r}; choose one of {', '.join(ACCENTS + FOREIGN_ACCENTS)}")
     if variant is None:
         return voice
     if variant not in _variants():
@@ -266,8 +270,9 @@ def synthesize(
 
 
 def list_voices() -> dict[str, list[str]]:
-    """The English accents and the voice variants available (any accent combines with any variant)."""
-    return {"accents": list(ACCENTS), "variants": list(_variants())}
+    """The English accents, the foreign accents and the voice variants available (any accent combines
+    with any variant)."""
+    return {"accents": list(ACCENTS), "foreign_accents": list(FOREIGN_ACCENTS), "variants": list(_variants())}
 
 
 @lru_cache(maxsize=1)

@@ -10,7 +10,9 @@ rate and pitch, with exact word and phone times.
 
 Held out, to measure generalisation:
 
-* voices: the test splits use accents and voice variants that train / val never hear;
+* voices: the test splits use accents and voice variants that train / val never hear
+  (``foreign_accents`` adds eSpeak's Afrikaans, German and Dutch voices reading the English captions
+  to the training voices: foreign-accented English, a wider spread of pronunciations to learn from);
 * compositions: a few colour-object pairs (:data:`HELD_OUT_PAIRS`) appear only in
   ``test_compositional``, never in train, val or test.
 
@@ -41,7 +43,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from s2i.datasets.corpus import CorpusError, Manifest, read_corpus, read_split, update_report, write_corpus
-from s2i.datasets.speech_synthesis import synthesize
+from s2i.datasets.speech_synthesis import FOREIGN_ACCENTS, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +116,13 @@ RATE_RANGE = (150, 210)  # words per minute
 PITCH_RANGE = (30, 70)
 
 
-def voices_for(split: str) -> list[str]:
-    """The eSpeak voices (``accent+variant``) that speak ``split``."""
+def voices_for(split: str, foreign_accents: bool = False) -> list[str]:
+    """The eSpeak voices (``accent+variant``) that speak ``split``; ``foreign_accents`` adds
+    :data:`~s2i.datasets.speech_synthesis.FOREIGN_ACCENTS` to the training ones (never to the test splits)."""
     held_out = split.startswith("test")
     accents, variants = (TEST_ACCENTS, TEST_VARIANTS) if held_out else (TRAIN_ACCENTS, TRAIN_VARIANTS)
+    if foreign_accents and not held_out:
+        accents = accents + FOREIGN_ACCENTS
     return [f"{a}+{v}" for a in accents for v in variants]
 
 
@@ -495,13 +500,13 @@ class _ImageTask:
     pitches: list[int]
 
 
-def _plan(counts: dict[str, int], seed: int) -> list[_ImageTask]:
+def _plan(counts: dict[str, int], seed: int, foreign_accents: bool = False) -> list[_ImageTask]:
     """Every random choice of the corpus, made here, in order."""
     scenes = sample_scenes(counts, seed)
     tasks = []
     for split, split_scenes in scenes.items():
         rng = np.random.default_rng([seed, SPLITS.index(split), 1])
-        pool = voices_for(split)
+        pool = voices_for(split, foreign_accents)
         for i, scene in enumerate(split_scenes):
             digits = []
             for thing in scene.things:
@@ -578,16 +583,19 @@ def _disk_bytes(folder: Path) -> int:
 _IN_PROGRESS = ".generating"  # marks a folder this generator is (or was, if interrupted) writing
 
 
-def _marker(size: str, seed: int, splits: Sequence[str] = SPLITS) -> dict[str, Any]:
+def _marker(size: str, seed: int, splits: Sequence[str] = SPLITS, foreign_accents: bool = False) -> dict[str, Any]:
     marker = {"name": NAME, "size": size, "seed": seed, "images": SIZES_PRESETS[size],
               "generator_version": GENERATOR_VERSION}
+    if foreign_accents:  # absent otherwise, so corpora made before the option existed stay valid
+        marker["foreign_accents"] = True
     if set(splits) != set(SPLITS):
         marker["splits"] = [s for s in SPLITS if s in splits]  # a part of the corpus, e.g. only its test split
     return marker
 
 
-def _is_complete(out: Path, size: str, seed: int, splits: Sequence[str] = SPLITS) -> bool | None:
-    """True: a finished corpus of this size/seed holding ``splits``; False: one of another size/seed;
+def _is_complete(out: Path, size: str, seed: int, splits: Sequence[str] = SPLITS,
+                 foreign_accents: bool = False) -> bool | None:
+    """True: a finished corpus of this size/seed holding ``splits``; False: one of another size/seed/voices;
     None: none, or a part of this one that lacks some of ``splits`` (it is regenerated)."""
     marker = out / "complete"
     if not marker.is_file():
@@ -597,20 +605,21 @@ def _is_complete(out: Path, size: str, seed: int, splits: Sequence[str] = SPLITS
     except (OSError, ValueError):
         return None
     held = found.pop("splits", list(SPLITS))
-    if found != _marker(size, seed):
+    if found != _marker(size, seed, foreign_accents=foreign_accents):
         return False
     return True if set(splits) <= set(held) else None
 
 
 def generate(out_dir: str | Path, size: str = "default", seed: int = 0, workers: int = 2, force: bool = False,
-             splits: Sequence[str] = SPLITS) -> Path:
+             splits: Sequence[str] = SPLITS, foreign_accents: bool = False) -> Path:
     """Write the spoken-scenes corpus of ``size`` (small | default | large) to ``out_dir``.
 
     Reuses ``out_dir`` if it already holds the finished corpus of this size and seed (the
     ``complete`` marker is written last). ``force`` regenerates over a corpus of another size/seed.
     ``splits`` writes only some splits, byte for byte as in the whole corpus (the test splits'
     scenes are drawn first, so they do not depend on the others): ``("test",)`` is enough to
-    evaluate a model in a few minutes.
+    evaluate a model in a few minutes. ``foreign_accents`` adds foreign-accented voices to train and
+    val (:func:`voices_for`); the test splits stay byte for byte the same.
     """
     if size not in SIZES_PRESETS:
         raise SyntheticCorpusError(f"unknown size {size!r}; choose one of {', '.join(SIZES_PRESETS)}")
@@ -620,12 +629,12 @@ def generate(out_dir: str | Path, size: str = "default", seed: int = 0, workers:
     if workers < 0:
         raise SyntheticCorpusError(f"workers must be 0 (in this process) or more, got {workers}")
     out = Path(out_dir).expanduser()
-    state = _is_complete(out, size, seed, splits)
+    state = _is_complete(out, size, seed, splits, foreign_accents)
     if state:
         log.info("%s already holds the %s synthetic corpus (seed %d); reusing it", out, size, seed)
         return out
     if state is False and not force:
-        raise SyntheticCorpusError(f"{out} holds a synthetic corpus of another size or seed; choose another "
+        raise SyntheticCorpusError(f"{out} holds a synthetic corpus of another size, seed or voices; choose another "
                                    "folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise SyntheticCorpusError(f"{out} is a file; give a folder for the corpus")
@@ -641,7 +650,7 @@ def generate(out_dir: str | Path, size: str = "default", seed: int = 0, workers:
 
     start = time.perf_counter()
     counts = SIZES_PRESETS[size]
-    tasks = [t for t in _plan(counts, seed) if t.split in splits]
+    tasks = [t for t in _plan(counts, seed, foreign_accents) if t.split in splits]
     chunks = [tasks[i : i + CHUNK_IMAGES] for i in range(0, len(tasks), CHUNK_IMAGES)]
     records: dict[str, list[dict]] = {s: [] for s in counts if s in splits}
     with tqdm(total=sum(len(t.captions) for t in tasks), desc=f"synthetic {size}", unit="utt") as bar:
@@ -650,24 +659,25 @@ def generate(out_dir: str | Path, size: str = "default", seed: int = 0, workers:
                 records[rec["image_id"].rsplit("_", 1)[0]].append(rec)
             bar.update(len(chunk_records))
 
-    report = _report(records, size, seed, workers, time.perf_counter() - start)
+    report = _report(records, size, seed, workers, time.perf_counter() - start, foreign_accents)
     write_corpus(out, Manifest(name=NAME, splits=records, image_root="images", audio_root="audio", report=report))
     report["disk_bytes"] = _disk_bytes(out)
     update_report(out, disk_bytes=report["disk_bytes"])
-    (out / "complete").write_text(json.dumps(_marker(size, seed, splits)))
+    (out / "complete").write_text(json.dumps(_marker(size, seed, splits, foreign_accents)))
     (out / _IN_PROGRESS).unlink()
     log.info("synthetic %s corpus (%s) in %s: %.0f s, %.1f MB, oracle R@1 %s", size, ", ".join(records), out,
              report["generation_seconds"], report["disk_bytes"] / 1e6, report["oracle_r1"])
     return out
 
 
-def _report(records: dict[str, list[dict]], size: str, seed: int, workers: int, seconds: float) -> dict[str, Any]:
+def _report(records: dict[str, list[dict]], size: str, seed: int, workers: int, seconds: float,
+            foreign_accents: bool = False) -> dict[str, Any]:
     durations = {s: [r["num_samples"] / SAMPLE_RATE for r in recs] for s, recs in records.items()}
     return {
         "generator": "s2i.datasets.synthetic", "generator_version": GENERATOR_VERSION, "size": size, "seed": seed,
         "workers": workers, "generation_seconds": round(seconds, 1),
         "oracle_r1": {s: round(oracle_recall(recs), 4) for s, recs in records.items() if s.startswith("test")},
-        "voices": {"train": voices_for("train"), "test": voices_for("test")},
+        "voices": {"train": voices_for("train", foreign_accents), "test": voices_for("test")},
         "held_out": {"accents": list(TEST_ACCENTS), "variants": list(TEST_VARIANTS),
                      "colour_object_pairs": [list(p) for p in HELD_OUT_PAIRS]},
         "other_engines": "none: eSpeak NG only (Debian flite/festival are not used, so the corpus is the "
@@ -722,6 +732,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: every core; the corpus does not depend on it)")
     parser.add_argument("--force", action="store_true", help="replace a corpus of another size/seed in --out")
+    parser.add_argument("--foreign-accents", action="store_true",
+                        help="train/val voices also include eSpeak's Afrikaans, German and Dutch voices reading "
+                             "English (foreign-accented English); the test splits are unchanged")
     parser.add_argument("--contact-sheet", default="", metavar="PNG", help="also draw a grid of sample scenes")
     parser.add_argument("--splits", default=",".join(SPLITS), metavar="LIST",
                         help="comma-separated splits to write (default: all); 'test' alone is enough to "
@@ -730,7 +743,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     splits = [s.strip() for s in str(getattr(args, "splits", ",".join(SPLITS))).split(",") if s.strip()]
-    out = generate(args.out, size=args.size, seed=args.seed, workers=args.workers, force=args.force, splits=splits)
+    out = generate(args.out, size=args.size, seed=args.seed, workers=args.workers, force=args.force, splits=splits,
+                   foreign_accents=getattr(args, "foreign_accents", False))
     if getattr(args, "contact_sheet", ""):
         contact_sheet(out, args.contact_sheet)
     report = json.loads((out / "corpus.json").read_text())["report"]
