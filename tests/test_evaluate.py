@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import s2i
 from s2i.cli import main as cli
 from s2i.datasets.corpus import PairedDataset
-from s2i.evaluate import breakdown, embed_split, evaluate, format_table, group_key
+from s2i.evaluate import breakdown, combine, embed_split, evaluate, format_table, group_key
+from s2i.evaluate import scores as embedding_scores
 from s2i.train import train
 from tests.test_train import make_tone_corpus, tiny_model, tiny_train
 
@@ -64,17 +65,40 @@ def test_table_and_explicit_data(trained, capsys):
     assert table.splitlines()[0].split() == ["direction", "R@1", "R@5", "R@10", "median", "mean"]
 
 
-def test_ensemble_sums_normalised_embeddings(trained):
+def test_ensemble_ranks_by_the_mean_similarity_or_the_seeds_embedding_sum(trained):
     corpus, run = trained
     single = evaluate(run / "best", split="test")
     assert evaluate(run / "best", split="test", ensemble=[run / "best"]) == single  # 2x the same = same ranks
     model_a, model_b = s2i.load(run / "best"), s2i.load(run / "last")
     ds = PairedDataset(corpus, "test", features="mfcc")
     a, b = embed_split(model_a, ds), embed_split(model_b, ds)
-    from s2i.evaluate import scores
+    from s2i.metrics import retrieval_metrics
 
-    expected = scores(a[0] + b[0], a[1] + b[1], a[2], a[3] + b[3])
-    assert evaluate(model_a, corpus, split="test", ensemble=[model_b]) == expected
+    mean_sim = retrieval_metrics((a[0] @ a[1].T + b[0] @ b[1].T) / 2, a[2])
+    mean_sim.update(retrieval_metrics((a[3] @ a[1].T + b[3] @ b[1].T) / 2, a[2], names=("text", "image")))
+    assert evaluate(model_a, corpus, split="test", ensemble=[model_b]) == mean_sim
+    seeds = embedding_scores(a[0] + b[0], a[1] + b[1], a[2], a[3] + b[3])
+    assert evaluate(model_a, corpus, split="test", ensemble=[model_b], ensemble_mode="embedding") == seeds
+    with pytest.raises(ValueError, match="ensemble mode"):
+        evaluate(model_a, corpus, split="test", ensemble=[model_b], ensemble_mode="vote")
+
+
+def test_combine_ignores_how_each_model_orients_its_space():
+    """A model whose space is the first's, rotated, adds nothing to the mean of similarities; summed
+    embeddings (the seed's ensemble) mix one model's speech with the other's images and rank worse."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=1)
+    caption_image = torch.arange(50).repeat_interleave(2)
+    speech = torch.nn.functional.normalize(images[caption_image] + 0.35 * torch.randn(100, 16, generator=g), dim=1)
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    a, b = [speech, images, None], [speech @ rotation, images @ rotation, None]
+    alone = embedding_scores(speech, images, caption_image)
+    by_similarity = combine([a, b], "similarity")
+    assert by_similarity[2] is None
+    assert torch.allclose(by_similarity[0] @ by_similarity[1].T, speech @ images.T, atol=1e-5)
+    assert embedding_scores(*by_similarity[:2], caption_image) == alone
+    summed = combine([a, b], "embedding")
+    assert embedding_scores(*summed[:2], caption_image)["speech_to_image"]["R@1"] < alone["speech_to_image"]["R@1"]
 
 
 def test_embed_split_limits_images_and_keeps_order(trained):

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from s2i.datasets.speech_synthesis import ACCENTS, FOREIGN_ACCENTS, SynthesisError, Utterance, _Event, list_voices, synthesize
+from s2i.datasets.speech_synthesis import (ACCENTS, FOREIGN_ACCENTS, SynthesisError, Utterance, _Event, list_voices,
+                                          synthesize)
 
 TEXT = "a small red circle above a big blue star"
 
