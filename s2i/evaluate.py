@@ -243,6 +243,11 @@ def default_data(path: str | Path) -> str:
 ENSEMBLE_MODES = ("similarity", "embedding")
 
 
+def _check_ensemble_mode(mode: str) -> None:
+    if mode not in ENSEMBLE_MODES:
+        raise ValueError(f"unknown ensemble mode {mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
+
+
 def combine(parts: Sequence[Sequence[Tensor | None]], mode: str = "similarity") -> list[Tensor | None]:
     """Several models' ``[speech, images, text]`` embeddings (text may be None) -> one set whose dot
     products rank as the ensemble does.
@@ -251,8 +256,7 @@ def combine(parts: Sequence[Sequence[Tensor | None]], mode: str = "similarity") 
     so a caption-image dot product is the mean of the models' cosine similarities (and stays in
     [-1, 1]). ``"embedding"``: the seed's sum of the embeddings, not re-normalised.
     """
-    if mode not in ENSEMBLE_MODES:
-        raise ValueError(f"unknown ensemble mode {mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
+    _check_ensemble_mode(mode)
     out: list[Tensor | None] = []
     for kind in zip(*parts):
         if any(p is None for p in kind):
@@ -288,8 +292,7 @@ def evaluate(checkpoint_or_model: str | Path | torch.nn.Module, corpus: str | Pa
         image_input = (checkpoint_extra(folder).get("train_config") or {}).get("image_input", "pixels") if folder else "pixels"
     augment_fn = from_spec(augment) if augment else None
 
-    if ensemble_mode not in ENSEMBLE_MODES:
-        raise ValueError(f"unknown ensemble mode {ensemble_mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
+    _check_ensemble_mode(ensemble_mode)  # before embedding anything, as combine() would only at the end
     datasets: dict[str, PairedDataset] = {}
     parts: list[list[Tensor | None]] = []
     caption_image = None
