@@ -37,6 +37,7 @@ ACCENTS: tuple[str, ...] = (
 #: letter-to-sound rules (switching to English only for the words their dictionaries mark as English):
 #: foreign-accented English, far more varied than the English accents among themselves.
 FOREIGN_ACCENTS: tuple[str, ...] = ("af", "de", "nl")
+_ALL_ACCENTS = ACCENTS + FOREIGN_ACCENTS
 RATE_RANGE = (80, 450)  # words per minute, eSpeak's limits
 _STRESS_MARKS = "ˈˌ"
 _PUNCTUATION = ".,;:!?\"'()"
@@ -201,8 +202,8 @@ def _synthesize_fresh(text: str, voice_name: str, rate: int, pitch: int) -> tupl
 
 
 def _voice_name(voice: str, variant: str | None) -> str:
-    if voice not in ACCENTS + FOREIGN_ACCENTS:
-        raise SynthesisError(f"unknown accent {voice!r}; choose one of {', '.join(ACCENTS + FOREIGN_ACCENTS)}")
+    if voice not in _ALL_ACCENTS:
+        raise SynthesisError(f"unknown accent {voice!r}; choose one of {', '.join(_ALL_ACCENTS)}")
     if variant is None:
         return voice
     if variant not in _variants():
