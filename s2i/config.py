@@ -123,6 +123,9 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global gradient norm (0 = off)
     bucket: bool = True  # length-bucketed batches
     one_caption_per_image: bool = True
+    hard_negatives: float = 0.0  # share of utterances that bring a caption of a similar image (by transcript
+    #   words, ``similar_images``) into their batch: in-batch negatives that differ in a detail; 0 = random batches
+    hard_negative_k: int = 5  # the similar images each image draws its hard negative from
     workers: int = 0
     amp: bool = True  # bf16 autocast of the encoders when on a GPU
     cpu_amp: bool = False  # bf16 autocast on a CPU too: faster where it has bf16 units (AMX, AVX512-BF16)
@@ -164,6 +167,8 @@ class TrainConfig:
                     value < low[0] or (low[1] and value == low[0])):
                 raise ConfigError(f"{name}: must be {'above' if low[1] else 'at least'} {low[0]}, got {value!r}"
                                   + (f" ({low[2]})" if len(low) > 2 else ""))
+        if self.hard_negatives > 1:
+            raise ConfigError(f"hard_negatives: a share of the utterances, at most 1; got {self.hard_negatives!r}")
 
 
 #: the parts of a model that ``TrainConfig.freeze`` can hold fixed
@@ -176,7 +181,7 @@ _TRAIN_MINIMA: dict[str, tuple] = {
     "warmup_steps": (0, False), "margin": (0, False), "hardest_n": (0, False), "text_loss_weight": (0, False),
     "speech_text_loss_weight": (0, False), "grad_clip": (0, False), "workers": (0, False), "eval_every": (0, False), "val_max_images": (0, False),
     "max_frames": (1, False), "log_every": (1, False), "max_steps": (0, False), "max_minutes": (0, False),
-    "budget_minutes": (0, False), "distill_weight": (0, False),
+    "budget_minutes": (0, False), "distill_weight": (0, False), "hard_negatives": (0, False), "hard_negative_k": (1, False),
     "eval_batch_size": (1, False),
 }
 

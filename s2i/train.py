@@ -59,7 +59,7 @@ from tqdm import tqdm
 from s2i import checkpoint
 from s2i.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, from_dict, preset, to_dict
 from s2i.datasets.augment import FeatureAugment, ImageAugment, from_spec
-from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSampler, collate
+from s2i.datasets.corpus import BucketBatchSampler, PairedDataset, RandomBatchSampler, collate, similar_images
 from s2i.evaluate import mean_r10, model_folder, retrieval_scores, selection_score
 from s2i.losses import build_loss
 from s2i.encoders.text import Tokenizer
@@ -114,17 +114,22 @@ def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int, time_progress: floa
 # ---------------------------------------------------------------------------------------------
 # batches
 # ---------------------------------------------------------------------------------------------
-def global_batches(dataset: PairedDataset, cfg: TrainConfig, epoch: int, world: int = 1) -> list[list[int]]:
+def global_batches(dataset: PairedDataset, cfg: TrainConfig, epoch: int, world: int = 1,
+                   neighbours: np.ndarray | None = None) -> list[list[int]]:
     """This epoch's global batches (lists of utterance indices), identical in every process.
 
     ``bucket=True``: length-bucketed batches (little padding); otherwise the seed's batching:
     a random permutation cut into consecutive batches (lengths mixed, padded to the longest).
+    ``neighbours`` (:func:`similar_images` of the split): ``cfg.hard_negatives`` of the utterances
+    bring a caption of a similar image into their batch.
     Batches of one utterance are dropped (no negatives: nothing to learn), and under DDP batches
     smaller than the number of processes (a process cannot embed an empty slice).
     """
     kind = BucketBatchSampler if cfg.bucket else RandomBatchSampler
+    hard = neighbours is not None and cfg.hard_negatives > 0
     sampler = kind(dataset.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                   caption_image=dataset.caption_image if cfg.one_caption_per_image else None)
+                   caption_image=dataset.caption_image if cfg.one_caption_per_image or hard else None,
+                   neighbours=neighbours if hard else None, hard_fraction=cfg.hard_negatives)
     sampler.set_epoch(epoch)
     return [b for b in sampler.global_batches() if len(b) >= max(2, world)]
 
@@ -384,7 +389,9 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
                               augment=from_spec(cfg.augment) if cfg.augment else None, max_frames=cfg.max_frames)
     val_set = PairedDataset(cfg.data, "val", features=features, image_input=cfg.image_input,
                             max_frames=cfg.max_frames) if cfg.eval_every > 0 else None
-    steps_per_epoch = len(global_batches(train_set, cfg, 0, world))
+    neighbours = similar_images([r["text"] for r in train_set.utterances], train_set.caption_image,
+                                cfg.hard_negative_k) if cfg.hard_negatives > 0 else None
+    steps_per_epoch = len(global_batches(train_set, cfg, 0, world, neighbours))
 
     # -- model, optimiser, loss ----------------------------------------------------------------
     if state is None:
@@ -479,7 +486,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> RunRe
             model.train()
             for part in frozen:
                 part.eval()
-            batches = global_batches(train_set, cfg, epoch, world)
+            batches = global_batches(train_set, cfg, epoch, world, neighbours)
             mine = [split_batch(b, world)[rank] for b in batches]
             loader = torch.utils.data.DataLoader(
                 train_set, batch_sampler=mine[batch_in_epoch:], collate_fn=collate, num_workers=cfg.workers,

@@ -22,6 +22,7 @@ from s2i.datasets.corpus import (
     padding_fraction,
     read_corpus,
     read_split,
+    similar_images,
     write_corpus,
 )
 
@@ -208,6 +209,63 @@ def test_sampler_determinism_and_epochs():
     fixed.set_epoch(3)
     assert list(fixed) == list(BucketBatchSampler(lengths, 16, shuffle=False))
     assert list(RandomBatchSampler(lengths, 16, shuffle=False))[0] == list(range(16))
+
+
+def test_similar_images_ranks_by_shared_caption_words():
+    texts = ["a red circle", "a round red circle",  # image 0
+             "a red circle left of a blue star",  # image 1: shares red circle
+             "a green digit seven",  # image 2: shares nothing but "a"
+             "a red square"]  # image 3: shares red
+    caption_image = [0, 0, 1, 2, 3]
+    nb = similar_images(texts, caption_image, k=3)
+    assert nb.shape == (4, 3)
+    assert all(i not in row for i, row in enumerate(nb))  # never itself
+    assert nb[0].tolist() == [1, 3, 2] and nb[1][0] == 0 and nb[3][0] in (0, 1)
+    assert similar_images(texts, caption_image, k=10).shape == (4, 3)  # at most the other images
+    with pytest.raises(CorpusError, match="transcripts"):
+        similar_images(["", "", ""], [0, 1, 2])
+    with pytest.raises(ValueError, match="texts for"):
+        similar_images(texts[:2], caption_image)
+
+
+def test_hard_negative_batches_pair_captions_of_similar_images():
+    rng = np.random.default_rng(0)
+    n_images, per_image = 400, 5
+    caption_image = np.repeat(np.arange(n_images), per_image)
+    lengths = _lengths(n_images * per_image)
+    neighbours = np.stack([rng.choice(np.delete(np.arange(n_images), i), 3, replace=False) for i in range(n_images)])
+    nbsets = [set(row) for row in neighbours]
+
+    def near(u, v):
+        return caption_image[v] in nbsets[caption_image[u]] or caption_image[u] in nbsets[caption_image[v]]
+
+    def with_neighbour(batches):  # share of utterances whose batch holds a caption of a neighbour (either way)
+        return sum(any(near(u, v) for v in b) for b in batches for u in b) / len(lengths)
+
+    plain = list(BucketBatchSampler(lengths, 16, seed=2, caption_image=caption_image))
+    random_batches = RandomBatchSampler(lengths, 16, seed=2, caption_image=caption_image)
+    assert list(BucketBatchSampler(lengths, 16, seed=2, caption_image=caption_image, neighbours=neighbours,
+                                   hard_fraction=0.0)) == plain
+    shares = []
+    for fraction in (0.5, 1.0):
+        sampler = BucketBatchSampler(lengths, 16, seed=2, caption_image=caption_image, neighbours=neighbours,
+                                     hard_fraction=fraction)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each once per epoch
+            assert all(len(set(caption_image[b])) == len(b) for b in batches)  # still one caption per image
+            assert sum(len(b) < 16 for b in batches) <= 3
+        shares.append(with_neighbour(batches))
+        # still length-bucketed (each pair by its longer caption; these neighbours' lengths are unrelated)
+        assert padding_fraction(batches, lengths) < 0.75 * padding_fraction(list(random_batches), lengths)
+    assert with_neighbour(plain) < 0.3 < 0.5 < shares[0] < shares[1]  # random: 1 - (1 - 6/399) ** 15 = 0.2
+    with pytest.raises(ValueError, match="caption_image"):
+        BucketBatchSampler(lengths, 16, neighbours=neighbours)
+    with pytest.raises(ValueError, match="a row for each"):
+        BucketBatchSampler(lengths, 16, caption_image=caption_image, neighbours=neighbours[:10])
+    with pytest.raises(ValueError, match="hard_fraction"):
+        BucketBatchSampler(lengths, 16, caption_image=caption_image, neighbours=neighbours, hard_fraction=2)
 
 
 # ---------------------------------------------------------------------------------------------

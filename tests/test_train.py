@@ -158,6 +158,27 @@ def test_cycle_length_comes_from_the_real_number_of_batches(corpus, tmp_path):
     assert lrs[0] == pytest.approx(cfg.min_lr) and lrs[real] == pytest.approx(cfg.min_lr)  # one cycle per epoch
 
 
+def test_hard_negatives_put_captions_of_similar_images_in_one_batch(corpus, tmp_path):
+    from s2i.config import ConfigError
+    from s2i.datasets.corpus import PairedDataset, similar_images
+
+    ds = PairedDataset(corpus, "train", features="mfcc")
+    cfg = tiny_train(corpus, tmp_path / "hard", batch_size=8, epochs=1, eval_every=0, hard_negatives=1.0,
+                     hard_negative_k=2)
+    neighbours = similar_images([r["text"] for r in ds.utterances], ds.caption_image, 2)
+    texts = {int(i): r["text"] for r, i in zip(ds.utterances, ds.caption_image)}
+    shared = [len(set(texts[i].split()) & set(texts[int(neighbours[i][0])].split())) for i in texts]
+    assert min(shared) >= 1  # "a and b": the nearest image shares a tone name
+    hard, plain = global_batches(ds, cfg, 0, neighbours=neighbours), global_batches(ds, cfg, 0)
+    assert hard != plain
+    for batches in (hard, plain):
+        assert sorted(i for b in batches for i in b) == list(range(len(ds)))
+    result = run(cfg, tiny_model())  # the run builds its own neighbours from the transcripts
+    assert result.finished
+    with pytest.raises(ConfigError, match="hard_negatives"):
+        dataclasses.replace(cfg, hard_negatives=1.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ file (always on the fly when a waveform ``augment`` is given, in the DataLoader 
 pixels (from the pixel cache or decoded with PIL) or a cached feature vector.
 
 :class:`BucketBatchSampler` makes batches of similar length (little padding), optionally with at
-most one caption per image per batch, split evenly over DDP ranks; :class:`RandomBatchSampler` is
-the seed's unsorted batching, kept to measure what bucketing buys (:func:`padding_fraction`).
+most one caption per image per batch, split evenly over DDP ranks, and optionally with hard
+negatives: captions of similar images (:func:`similar_images`) put into the same batch;
+:class:`RandomBatchSampler` is the seed's unsorted batching, kept to measure what bucketing buys
+(:func:`padding_fraction`).
 """
 from __future__ import annotations
 
@@ -470,6 +472,13 @@ class BucketBatchSampler(Sampler[list[int]]):
     ``caption_image`` (image index per utterance) a batch never holds two captions of one image:
     a caption whose image is already in the batch waits for the next batch.
 
+    Hard negatives: with ``neighbours`` (``(num_images, k)``, each image's most similar images, as
+    :func:`similar_images` gives) and ``caption_image``, a share ``hard_fraction`` of the utterances
+    each bring one caption of one of their image's neighbours (drawn at random among the ``k``) into
+    their batch: a contrastive loss then has to tell near-identical scenes apart, which random
+    batches of a few dozen seldom ask of it. The pair stays together through the length sorting
+    (both sort by the longer one's length).
+
     DDP: with ``num_replicas > 1`` every rank gets the same number of batches and no utterance is
     seen by two ranks: when the batch count does not divide, the largest batches are halved
     (``drop_last=True`` drops the surplus instead). Every rank must use the same ``seed``.
@@ -481,7 +490,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int] | torch.Tensor | np.ndarray, batch_size: int, shuffle: bool = True,
                  seed: int = 0, caption_image: Sequence[int] | torch.Tensor | None = None, num_replicas: int = 1,
-                 rank: int = 0, drop_last: bool = False, pool_batches: int = 50):
+                 rank: int = 0, drop_last: bool = False, pool_batches: int = 50,
+                 neighbours: np.ndarray | None = None, hard_fraction: float = 1.0):
         self.lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
             raise ValueError("lengths must be a non-empty 1-D sequence of frame counts")
@@ -495,6 +505,17 @@ class BucketBatchSampler(Sampler[list[int]]):
             if caption_image.shape != self.lengths.shape:
                 raise ValueError(f"caption_image has {len(caption_image)} entries for {len(self.lengths)} lengths")
         self.caption_image = caption_image
+        if neighbours is not None:
+            if caption_image is None:
+                raise ValueError("neighbours (hard negatives) need caption_image")
+            neighbours = np.asarray(neighbours, dtype=np.int64)
+            if neighbours.ndim != 2 or len(neighbours) <= caption_image.max():
+                raise ValueError(f"neighbours must be (num_images, k) with a row for each of the "
+                                 f"{caption_image.max() + 1} images; got shape {neighbours.shape}")
+        if not 0.0 <= hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+        self.neighbours = neighbours
+        self.hard_fraction = float(hard_fraction)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
@@ -525,13 +546,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         n = len(self.lengths)
         order = rng.permutation(n) if self.shuffle else np.arange(n)
+        key = self.lengths
+        if self.neighbours is not None and self.hard_fraction > 0:
+            order, key = self._pair_with_neighbours(order, rng)
         pool = n if not self.sort_by_length else self.pool_size
         batches: list[list[int]] = []
         carry = np.empty(0, dtype=np.int64)
         for start in range(0, n, pool):
             idx = np.concatenate([carry, order[start:start + pool]])
             if self.sort_by_length:
-                idx = idx[np.argsort(self.lengths[idx], kind="stable")]
+                idx = idx[np.argsort(key[idx], kind="stable")]
             full, carry = self._fill(idx)
             batches.extend(full)
         pending = deque(carry.tolist())
@@ -543,6 +567,36 @@ class BucketBatchSampler(Sampler[list[int]]):
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
+
+    def _pair_with_neighbours(self, order: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``order`` with a share of its utterances each followed by a caption of a neighbour of its
+        image (taken out of its own place), and the sort key of each utterance: its pair's longest length."""
+        images = self.caption_image
+        waiting: list[list[int]] = [[] for _ in range(len(self.neighbours))]
+        for u in order[::-1]:  # each image's captions, popped in the order's order
+            waiting[images[u]].append(int(u))
+        used = np.zeros(len(order), dtype=bool)
+        key = self.lengths.copy()
+        out: list[int] = []
+        draws = rng.random(len(order))
+        for u, draw in zip(order.tolist(), draws):
+            if used[u]:
+                continue
+            used[u] = True
+            out.append(u)
+            if draw >= self.hard_fraction:
+                continue
+            for image in rng.permutation(self.neighbours[images[u]]):
+                queue = waiting[image]
+                while queue and used[queue[-1]]:
+                    queue.pop()
+                if queue:
+                    v = queue.pop()
+                    used[v] = True
+                    out.append(v)
+                    key[u] = key[v] = max(key[u], key[v])
+                    break
+        return np.asarray(out, dtype=np.int64), key
 
     def _take(self, pending: deque) -> tuple[list[int], list[int]]:
         """Take one batch from the front of ``pending``; → (batch, skipped captions whose image
@@ -597,6 +651,41 @@ class RandomBatchSampler(BucketBatchSampler):
     """
 
     sort_by_length = False
+
+
+def similar_images(texts: Sequence[str], caption_image: Sequence[int] | torch.Tensor | np.ndarray,
+                   k: int = 5, chunk: int = 512) -> np.ndarray:
+    """``(num_images, k)``: for each image, the ``k`` other images whose captions are most alike,
+    nearest first: cosine similarity of TF-IDF word vectors, each image's captions taken together
+    (so that one caption's synonyms are covered by another's). The hard negatives of
+    :class:`BucketBatchSampler`; needs transcripts."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    caption_image = np.asarray(caption_image.cpu() if isinstance(caption_image, torch.Tensor) else caption_image,
+                               dtype=np.int64)
+    if len(texts) != len(caption_image):
+        raise ValueError(f"{len(texts)} texts for {len(caption_image)} captions")
+    num_images = int(caption_image.max()) + 1
+    if num_images < 2:
+        raise ValueError("similar images need at least two images")
+    docs: list[list[str]] = [[] for _ in range(num_images)]
+    for text, image in zip(texts, caption_image):
+        docs[image].append(text or "")
+    try:
+        vectors = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", sublinear_tf=True).fit_transform(
+            " ".join(d) for d in docs)
+    except ValueError:  # empty vocabulary
+        raise CorpusError("hard negatives need transcripts: this split's captions have no text") from None
+    k = min(int(k), num_images - 1)
+    out = np.empty((num_images, k), dtype=np.int64)
+    for start in range(0, num_images, chunk):
+        sim = (vectors[start:start + chunk] @ vectors.T).toarray()
+        rows = np.arange(len(sim))
+        sim[rows, start + rows] = -np.inf
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        out[start:start + len(sim)] = np.take_along_axis(
+            top, np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable"), axis=1)
+    return out
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int] | torch.Tensor | np.ndarray) -> float:
