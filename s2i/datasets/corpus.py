@@ -463,6 +463,11 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------------
+def _int_array(values: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarray:
+    """Indices or frame counts, from a tensor (on any device), an array or a list, as int64 numpy."""
+    return np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.int64)
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of utterances of similar length.
 
@@ -492,7 +497,7 @@ class BucketBatchSampler(Sampler[list[int]]):
                  seed: int = 0, caption_image: Sequence[int] | torch.Tensor | None = None, num_replicas: int = 1,
                  rank: int = 0, drop_last: bool = False, pool_batches: int = 50,
                  neighbours: np.ndarray | None = None, hard_fraction: float = 1.0):
-        self.lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64)
+        self.lengths = _int_array(lengths)
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
             raise ValueError("lengths must be a non-empty 1-D sequence of frame counts")
         if batch_size < 1:
@@ -500,8 +505,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in 0..num_replicas-1, got rank={rank}, num_replicas={num_replicas}")
         if caption_image is not None:
-            caption_image = np.asarray(caption_image.cpu() if isinstance(caption_image, torch.Tensor)
-                                       else caption_image, dtype=np.int64)
+            caption_image = _int_array(caption_image)
             if caption_image.shape != self.lengths.shape:
                 raise ValueError(f"caption_image has {len(caption_image)} entries for {len(self.lengths)} lengths")
         self.caption_image = caption_image
@@ -661,8 +665,7 @@ def similar_images(texts: Sequence[str], caption_image: Sequence[int] | torch.Te
     :class:`BucketBatchSampler`; needs transcripts."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    caption_image = np.asarray(caption_image.cpu() if isinstance(caption_image, torch.Tensor) else caption_image,
-                               dtype=np.int64)
+    caption_image = _int_array(caption_image)
     if len(texts) != len(caption_image):
         raise ValueError(f"{len(texts)} texts for {len(caption_image)} captions")
     num_images = int(caption_image.max()) + 1
@@ -690,7 +693,7 @@ def similar_images(texts: Sequence[str], caption_image: Sequence[int] | torch.Te
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int] | torch.Tensor | np.ndarray) -> float:
     """Share of the padded ``(B, T_max)`` frames that are padding, over all ``batches``."""
-    lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64)
+    lengths = _int_array(lengths)
     total = padded = 0
     for batch in batches:
         ls = lengths[np.asarray(batch, dtype=np.int64)]
